@@ -1,0 +1,22 @@
+"""A generic asyncio micro-batcher. It knows nothing about the model it feeds."""
+
+from batching.batcher import BatchFn, MicroBatcher
+from batching.errors import (
+    BatcherClosed,
+    BatcherError,
+    BatchSizeMismatch,
+    DeadlineExceeded,
+    QueueFull,
+)
+from batching.stats import BatcherStats
+
+__all__ = [
+    "BatchFn",
+    "BatchSizeMismatch",
+    "BatcherClosed",
+    "BatcherError",
+    "BatcherStats",
+    "DeadlineExceeded",
+    "MicroBatcher",
+    "QueueFull",
+]

@@ -1,0 +1,289 @@
+"""A model-agnostic asyncio micro-batcher.
+
+Callers ``submit`` one item each and await its own result. A single loop task groups
+queued items into batches and hands each batch to the batch function, which runs in a
+dedicated worker thread so the event loop keeps serving while a batch computes.
+"""
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from batching.errors import (
+    BatcherClosed,
+    BatcherError,
+    BatchSizeMismatch,
+    DeadlineExceeded,
+    QueueFull,
+)
+from batching.stats import BatcherStats
+
+logger = logging.getLogger(__name__)
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+BatchFn = Callable[[list[In]], Sequence[Out | BaseException]]
+"""Takes a batch of inputs and returns one result, or one exception, per input, in order."""
+
+
+@dataclass(eq=False, slots=True)
+class _Pending(Generic[In, Out]):
+    item: In
+    future: "asyncio.Future[Out]"
+    deadline: float | None
+
+
+def _set_result(future: "asyncio.Future[Out]", result: Out) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: "asyncio.Future[Out]", exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class MicroBatcher(Generic[In, Out]):
+    """Groups concurrent submissions into batches for one batch function.
+
+    A batch closes when it holds ``max_batch_size`` items, or ``max_batch_delay_s`` after
+    its first item arrived, whichever comes first. While the previous batch is still
+    computing, the next one keeps filling up to ``max_batch_size``: it could not start
+    earlier anyway.
+    """
+
+    def __init__(
+        self,
+        batch_fn: BatchFn[In, Out],
+        *,
+        max_batch_size: int,
+        max_batch_delay_s: float,
+        max_queue_size: int,
+        name: str = "batcher",
+    ) -> None:
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if max_batch_delay_s < 0:
+            raise ValueError(f"max_batch_delay_s must be >= 0, got {max_batch_delay_s!r}")
+        if not isinstance(max_queue_size, int) or max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be an integer >= 1, got {max_queue_size!r}")
+        self.batch_fn = batch_fn
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay_s = max_batch_delay_s
+        self.max_queue_size = max_queue_size
+        self.name = name
+        self.stats = BatcherStats()
+        self._queue: deque[_Pending[In, Out]] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._accepting = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._running: asyncio.Future[Sequence[Out | BaseException]] | None = None
+        self._running_batch: list[_Pending[In, Out]] = []
+        self._forming: list[_Pending[In, Out]] = []
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Starts the batch loop on the running event loop."""
+        if self._loop_task is not None:
+            raise RuntimeError(f"{self.name} was already started")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker")
+        self._accepting = True
+        self._loop_task = asyncio.create_task(self._run(), name=f"{self.name}-loop")
+        self._loop_task.add_done_callback(self._on_loop_done)
+
+    async def submit(self, item: In, *, deadline: float | None = None) -> Out:
+        """Queues ``item`` and returns its result.
+
+        ``deadline`` is an absolute time on the event loop's clock (``loop.time()``).
+        Raises ``QueueFull`` or ``BatcherClosed`` at once when the item cannot be queued,
+        ``DeadlineExceeded`` when the deadline passes first, and whatever the batch
+        function returned or raised for this item.
+        """
+        self.stats.requests += 1
+        if not self._accepting:
+            self.stats.rejected_closed += 1
+            raise BatcherClosed(f"{self.name} is not accepting work")
+        if len(self._queue) >= self.max_queue_size:
+            self._purge_dead()
+            if len(self._queue) >= self.max_queue_size:
+                self.stats.rejected_full += 1
+                raise QueueFull(f"{self.name} queue is full ({self.max_queue_size} items)")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Out] = loop.create_future()
+        self._queue.append(_Pending(item, future, deadline))
+        self._wake()
+        if deadline is None:
+            return await future
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await future
+        except TimeoutError:
+            raise DeadlineExceeded(f"no result from {self.name} before the deadline") from None
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stops accepting items, lets queued and running ones finish for up to
+        ``drain_timeout`` seconds, then fails whatever is left with ``BatcherClosed``."""
+        self._accepting = False
+        self._wake()
+        task = self._loop_task
+        if task is not None and not task.done():
+            done, _ = await asyncio.wait([task], timeout=drain_timeout)
+            if not done:
+                logger.warning(
+                    "%s: drain did not finish in %.1fs; failing %d queued and %d running items",
+                    self.name,
+                    drain_timeout,
+                    len(self._queue),
+                    len(self._running_batch),
+                )
+                task.cancel()
+                await asyncio.wait([task])
+        self._fail_everything(BatcherClosed(f"{self.name} stopped before this item was computed"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _sleep(self, busy: bool, wait_s: float | None) -> None:
+        """Sleeps until an item is added, the running batch finishes (if ``busy``) or
+        ``wait_s`` passes."""
+        self._wakeup = asyncio.get_running_loop().create_future()
+        waiters: list[asyncio.Future[Any]] = [self._wakeup]
+        if busy and self._running is not None:
+            waiters.append(self._running)
+        try:
+            await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._wakeup.cancel()
+            self._wakeup = None
+
+    def _worker_busy(self) -> bool:
+        return self._running is not None and not self._running.done()
+
+    def _is_dead(self, pending: _Pending[In, Out], now: float) -> bool:
+        """Counts and reports items that must not be computed."""
+        if pending.deadline is not None and now >= pending.deadline:
+            self.stats.dropped_expired += 1
+            _set_exception(pending.future, DeadlineExceeded("deadline passed while queued"))
+            return True
+        if pending.future.done():
+            self.stats.dropped_cancelled += 1
+            return True
+        return False
+
+    def _take_live(self, batch: list[_Pending[In, Out]]) -> None:
+        now = asyncio.get_running_loop().time()
+        while self._queue and len(batch) < self.max_batch_size:
+            pending = self._queue.popleft()
+            if not self._is_dead(pending, now):
+                batch.append(pending)
+
+    def _purge_dead(self) -> None:
+        now = asyncio.get_running_loop().time()
+        self._queue = deque(p for p in self._queue if not self._is_dead(p, now))
+
+    async def _collect(self) -> list[_Pending[In, Out]] | None:
+        """Returns the next batch once it may start, or None when stopped and drained."""
+        loop = asyncio.get_running_loop()
+        batch: list[_Pending[In, Out]] = []
+        self._forming = batch
+        while not batch:
+            self._take_live(batch)
+            if not batch:
+                if not self._accepting:
+                    return None
+                await self._sleep(busy=False, wait_s=None)
+        closes_at = loop.time() + self.max_batch_delay_s
+        while len(batch) < self.max_batch_size:
+            self._take_live(batch)
+            if len(batch) >= self.max_batch_size:
+                break
+            busy = self._worker_busy()
+            remaining = closes_at - loop.time()
+            if not busy and (remaining <= 0 or not self._accepting):
+                break
+            await self._sleep(busy, wait_s=remaining if remaining > 0 else None)
+        if self._running is not None:
+            await asyncio.wait([self._running])
+        return batch
+
+    async def _run(self) -> None:
+        while (batch := await self._collect()) is not None:
+            now = asyncio.get_running_loop().time()
+            batch = [p for p in batch if not self._is_dead(p, now)]
+            if batch:
+                self._dispatch(batch)
+            self._forming = []
+        if self._running is not None:
+            await asyncio.wait([self._running])
+
+    def _dispatch(self, batch: list[_Pending[In, Out]]) -> None:
+        self.stats.record_batch(len(batch))
+        inputs = [p.item for p in batch]
+        running = asyncio.get_running_loop().run_in_executor(self._executor, self.batch_fn, inputs)
+        self._running = running
+        self._running_batch = batch
+        running.add_done_callback(lambda done: self._resolve(batch, done))
+
+    def _resolve(
+        self, batch: list[_Pending[In, Out]], done: "asyncio.Future[Sequence[Out | BaseException]]"
+    ) -> None:
+        if self._running is done:
+            self._running_batch = []
+        if done.cancelled():
+            for pending in batch:
+                _set_exception(pending.future, BatcherClosed(f"{self.name} stopped mid-batch"))
+            return
+        error = done.exception()
+        if error is None:
+            results = done.result()
+            if len(results) != len(batch):
+                error = BatchSizeMismatch(
+                    f"batch function returned {len(results)} results for {len(batch)} inputs"
+                )
+        if error is not None:
+            logger.error("%s: batch of %d failed", self.name, len(batch), exc_info=error)
+            self.stats.failed_items += len(batch)
+            for pending in batch:
+                _set_exception(pending.future, error)
+            return
+        for pending, result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                self.stats.failed_items += 1
+                _set_exception(pending.future, result)
+            else:
+                _set_result(pending.future, result)
+
+    def _fail_everything(self, error: BatcherError) -> None:
+        running = self._running
+        if running is not None and not running.done():
+            running.cancel()
+        for pending in [*self._running_batch, *self._forming, *self._queue]:
+            _set_exception(pending.future, error)
+        self._queue.clear()
+        self._running_batch = []
+        self._forming = []
+
+    def _on_loop_done(self, task: "asyncio.Task[None]") -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            logger.error("%s: batch loop crashed", self.name, exc_info=error)
+            self._accepting = False
+            self._fail_everything(BatcherClosed(f"{self.name} loop crashed: {error!r}"))

@@ -1,0 +1,316 @@
+"""Unit tests of the micro-batcher with a fake batch function (no model)."""
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from batching import (
+    BatcherClosed,
+    BatchSizeMismatch,
+    DeadlineExceeded,
+    MicroBatcher,
+    QueueFull,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeModel:
+    """Doubles each input. Can be held mid-batch with ``hold()`` / ``release()``."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.threads: set[str] = set()
+        self._gate = threading.Event()
+        self._gate.set()
+        self._entered = threading.Event()
+
+    def __call__(self, items: list[int]) -> Sequence[int | BaseException]:
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(list(items))
+        self._entered.set()
+        self._gate.wait(timeout=30)
+        return [item * 2 for item in items]
+
+    def hold(self) -> None:
+        self._entered.clear()
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self._entered.wait, 10), "batch never started"
+
+    @property
+    def seen(self) -> list[int]:
+        return [item for batch in self.batches for item in batch]
+
+
+def make_batcher(
+    fn: object, *, max_batch_size: int = 4, delay_s: float = 0.05, queue: int = 64
+) -> MicroBatcher[int, int]:
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        fn,  # type: ignore[arg-type]
+        max_batch_size=max_batch_size,
+        max_batch_delay_s=delay_s,
+        max_queue_size=queue,
+        name="test-batcher",
+    )
+    batcher.start()
+    return batcher
+
+
+async def submit_all(batcher: MicroBatcher[int, int], items: list[int]) -> list[int]:
+    return await asyncio.gather(*(batcher.submit(i) for i in items))
+
+
+def later(batcher: MicroBatcher[int, int], item: int, **kwargs: float) -> "asyncio.Task[int]":
+    return asyncio.create_task(batcher.submit(item, **kwargs))
+
+
+async def test_full_batch_runs_without_waiting_for_the_delay() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=4, delay_s=30)
+    results = await asyncio.wait_for(submit_all(batcher, [1, 2, 3, 4]), timeout=5)
+    assert results == [2, 4, 6, 8]
+    assert model.batches == [[1, 2, 3, 4]]
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_results_go_to_their_own_callers() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=8)
+    items = list(range(50))
+    assert await submit_all(batcher, items) == [i * 2 for i in items]
+    assert max(len(b) for b in model.batches) > 1
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_partial_batch_is_held_until_the_delay() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=8, delay_s=0.5)
+    first = later(batcher, 1)
+    done, _ = await asyncio.wait([first], timeout=0.1)
+    assert not done, "a partial batch ran before its delay"
+    assert await asyncio.wait_for(first, timeout=5) == 2
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_delay_counts_from_the_first_item_of_the_batch() -> None:
+    model = FakeModel()
+    loop = asyncio.get_running_loop()
+    batcher = make_batcher(model, max_batch_size=8, delay_s=1.0)
+    started = loop.time()
+    tasks = [later(batcher, 1)]
+    await asyncio.sleep(0.5)
+    tasks.append(later(batcher, 2))
+    await asyncio.sleep(0.3)
+    tasks.append(later(batcher, 3))
+    assert await asyncio.gather(*tasks) == [2, 4, 6]
+    elapsed = loop.time() - started
+    # A per-item delay would close the batch at 0.8 + 1.0 = 1.8 s.
+    assert 0.9 <= elapsed < 1.6, elapsed
+    assert model.batches == [[1, 2, 3]]
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_batch_fn_runs_off_the_event_loop_and_next_batch_forms_meanwhile() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=4, delay_s=0.01)
+    model.hold()
+    first = later(batcher, 1)
+    await model.wait_entered()
+    # The loop is free while the batch computes: other coroutines run.
+    assert await asyncio.wait_for(asyncio.sleep(0.01, result="alive"), timeout=1) == "alive"
+    waiting = [later(batcher, i) for i in (2, 3, 4)]
+    await asyncio.sleep(0.1)
+    assert model.batches == [[1]]
+    model.release()
+    assert await asyncio.gather(first, *waiting) == [2, 4, 6, 8]
+    assert model.batches == [[1], [2, 3, 4]]
+    assert threading.main_thread().name not in model.threads
+    assert all(name.startswith("test-batcher-worker") for name in model.threads)
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_expired_item_is_dropped_before_compute() -> None:
+    model = FakeModel()
+    loop = asyncio.get_running_loop()
+    batcher = make_batcher(model, max_batch_size=1, delay_s=0)
+    model.hold()
+    blocker = later(batcher, 1)
+    await model.wait_entered()
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(2, deadline=loop.time() + 0.1)
+    model.release()
+    assert await blocker == 2
+    assert await batcher.submit(3) == 6
+    assert 2 not in model.seen
+    assert batcher.stats.dropped_expired == 1
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_cancelled_caller_is_dropped_before_compute() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=1, delay_s=0)
+    model.hold()
+    blocker = later(batcher, 1)
+    await model.wait_entered()
+    gone = later(batcher, 2)
+    await asyncio.sleep(0.05)
+    gone.cancel()
+    model.release()
+    assert await blocker == 2
+    assert await batcher.submit(3) == 6
+    assert gone.cancelled()
+    assert 2 not in model.seen
+    assert batcher.stats.dropped_cancelled == 1
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_per_item_error_reaches_only_its_caller() -> None:
+    def fn(items: list[int]) -> list[int | BaseException]:
+        return [ValueError(f"bad {i}") if i == 13 else i * 2 for i in items]
+
+    batcher = make_batcher(fn, max_batch_size=4, delay_s=0.05)
+    calls = (batcher.submit(i) for i in (12, 13, 14))
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert results[0] == 24
+    assert results[2] == 28
+    assert isinstance(results[1], ValueError)
+    assert str(results[1]) == "bad 13"
+    assert batcher.stats.failed_items == 1
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_raising_batch_fails_exactly_its_callers() -> None:
+    def fn(items: list[int]) -> list[int]:
+        if 0 in items:
+            raise RuntimeError("model exploded")
+        return [i * 2 for i in items]
+
+    batcher = make_batcher(fn, max_batch_size=2, delay_s=0.05)
+    results = await asyncio.gather(*(batcher.submit(i) for i in (0, 1)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert await submit_all(batcher, [2, 3]) == [4, 6]
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_wrong_number_of_results_is_an_error_for_every_caller() -> None:
+    batcher = make_batcher(lambda items: [1], max_batch_size=2, delay_s=0.05)
+    results = await asyncio.gather(*(batcher.submit(i) for i in (5, 6)), return_exceptions=True)
+    assert all(isinstance(r, BatchSizeMismatch) for r in results)
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_full_queue_rejects_at_once() -> None:
+    model = FakeModel()
+    loop = asyncio.get_running_loop()
+    batcher = make_batcher(model, max_batch_size=1, delay_s=0, queue=2)
+    model.hold()
+    blocker = later(batcher, 1)
+    await model.wait_entered()
+    # The next batch (one item) forms and waits for the worker; two more fill the queue.
+    queued = [later(batcher, 2)]
+    await asyncio.sleep(0.05)
+    queued += [later(batcher, i) for i in (3, 4)]
+    await asyncio.sleep(0.05)
+    assert batcher.queue_depth == 2
+    started = loop.time()
+    with pytest.raises(QueueFull):
+        await batcher.submit(5)
+    assert loop.time() - started < 0.5
+    assert batcher.stats.rejected_full == 1
+    model.release()
+    assert await asyncio.gather(blocker, *queued) == [2, 4, 6, 8]
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_stop_drains_queued_and_running_items() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=2, delay_s=0.01)
+    model.hold()
+    tasks = [later(batcher, i) for i in range(6)]
+    await model.wait_entered()
+    stopping = asyncio.create_task(batcher.stop(drain_timeout=10))
+    await asyncio.sleep(0.05)
+    with pytest.raises(BatcherClosed):
+        await batcher.submit(99)
+    model.release()
+    await stopping
+    assert await asyncio.gather(*tasks) == [i * 2 for i in range(6)]
+    assert batcher.stats.rejected_closed == 1
+
+
+async def test_stop_after_drain_timeout_leaves_no_future_pending() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=2, delay_s=0.01)
+    model.hold()
+    tasks = [later(batcher, i) for i in range(5)]
+    await model.wait_entered()
+    try:
+        await asyncio.wait_for(batcher.stop(drain_timeout=0.2), timeout=5)
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=5)
+    finally:
+        model.release()
+    assert all(isinstance(r, BatcherClosed) for r in results), results
+
+
+async def test_loop_crash_fails_pending_items_and_refuses_new_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=1, delay_s=0)
+    model.hold()
+    blocker = later(batcher, 1)
+    await model.wait_entered()
+    waiting = later(batcher, 2)
+    await asyncio.sleep(0.05)
+
+    def broken(batch: object) -> None:
+        raise RuntimeError("bug in dispatch")
+
+    monkeypatch.setattr(batcher, "_dispatch", broken)
+    model.release()
+    assert await blocker == 2
+    with pytest.raises(BatcherClosed):
+        await asyncio.wait_for(waiting, timeout=5)
+    with pytest.raises(BatcherClosed):
+        await batcher.submit(3)
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_counters() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=3, delay_s=0.05)
+    await submit_all(batcher, [1, 2, 3])
+    await submit_all(batcher, [4])
+    stats = batcher.stats.as_dict(batcher.queue_depth)
+    assert stats["requests"] == 4
+    assert stats["batches"] == 2
+    assert stats["items"] == 4
+    assert stats["queue_depth"] == 0
+    assert stats["batch_size_histogram"] == {"1": 1, "3": 1}
+    await batcher.stop(drain_timeout=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1, got 0"),
+        ({"max_batch_delay_s": -1.0}, "max_batch_delay_s must be >= 0, got -1.0"),
+        ({"max_queue_size": 0}, "max_queue_size must be an integer >= 1, got 0"),
+    ],
+)
+def test_invalid_settings_name_the_value(kwargs: dict[str, float], message: str) -> None:
+    settings: dict[str, float] = {
+        "max_batch_size": 4,
+        "max_batch_delay_s": 0.01,
+        "max_queue_size": 8,
+    }
+    settings.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        MicroBatcher(lambda items: items, **settings)  # type: ignore[arg-type]
