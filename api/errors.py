@@ -1,0 +1,51 @@
+"""The one place where errors become HTTP status codes."""
+
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from api.limits import BodyTooLarge
+from api.runtime import InferenceFailed, NotReady
+from batching import BatcherClosed, DeadlineExceeded, QueueFull
+from classification import BadImage, ImageTooLarge, UnsupportedImage
+
+
+class ClientDisconnected(Exception):
+    """The caller went away before its answer was ready."""
+
+
+RETRY_AFTER_S = 1
+
+# (exception, status, what the caller should do). The first match wins.
+_MAPPING: list[tuple[type[Exception], int, str]] = [
+    (BodyTooLarge, 413, ""),
+    (ImageTooLarge, 413, "; send a smaller image"),
+    (UnsupportedImage, 415, ""),
+    (BadImage, 400, "; check that the file is a complete image"),
+    (QueueFull, 503, f"; the server is at capacity, retry in {RETRY_AFTER_S} s"),
+    (BatcherClosed, 503, "; the server is shutting down, retry on another replica"),
+    (NotReady, 503, f"; retry in {RETRY_AFTER_S} s"),
+    (DeadlineExceeded, 504, "; the server is overloaded or TIMEOUT is too short, retry later"),
+    (InferenceFailed, 500, "; this is a server bug, see the server log"),
+]
+
+
+def _handler(status: int, advice: str) -> Callable[[Request, Exception], Awaitable[Response]]:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"detail": f"{exc}{advice}"}, status, headers=headers)
+
+    return handle
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # Nobody reads this; 499 (as nginx logs it) keeps the access log honest.
+    return Response(status_code=499)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for exc_type, status, advice in _MAPPING:
+        app.add_exception_handler(exc_type, _handler(status, advice))
+    app.add_exception_handler(ClientDisconnected, _client_gone)

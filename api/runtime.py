@@ -1,0 +1,141 @@
+"""What one server process runs: the model, its batcher and the decode pool."""
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from batching import BatcherError, DeadlineExceeded, MicroBatcher, QueueFull
+from classification import Classifier, ClassifyInput, ClassScore, load_model
+from settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class NotReady(Exception):
+    """The model is still loading or warming up, or the server is shutting down."""
+
+
+class InferenceFailed(Exception):
+    """The model raised while computing this request's batch; the batcher logged it."""
+
+
+class Runtime:
+    """Owns the model, the batcher and the decode pool for the life of the app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.classifier: Classifier | None = None
+        self.batcher: MicroBatcher[ClassifyInput, list[ClassScore]] | None = None
+        self.ready = False
+        self.draining = False
+        self.warmup_error: str | None = None
+        self._decode_pool: ThreadPoolExecutor | None = None
+        self._decoding = 0
+        self._warmup_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Loads the model, starts the batcher, and warms up in the background.
+
+        Raises ValueError naming the setting when the model cannot be loaded.
+        """
+        settings = self.settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        model = await asyncio.to_thread(load_model, settings.model, settings.weights)
+        self.classifier = Classifier(
+            model, device=settings.device, channels_last=settings.channels_last
+        )
+        self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        self.batcher = MicroBatcher(
+            self.classifier.predict,
+            max_batch_size=settings.max_batch_size,
+            max_batch_delay_s=settings.max_batch_delay_ms / 1000,
+            max_queue_size=settings.max_queue_size,
+            name="classifier",
+        )
+        self.batcher.start()
+        self._warmup_task = asyncio.create_task(self._warm_up(), name="warmup")
+        self._warmup_task.add_done_callback(self._on_warmup_done)
+
+    async def _warm_up(self) -> None:
+        assert self.classifier is not None
+        await asyncio.to_thread(self.classifier.warmup, self.settings.max_batch_size)
+        self.ready = True
+
+    def _on_warmup_done(self, task: "asyncio.Task[None]") -> None:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self.warmup_error = f"{type(error).__name__}: {error}"
+            logger.error("warm-up failed; the server stays unready", exc_info=error)
+
+    async def stop(self) -> None:
+        """Refuses new work, drains the batcher within DRAIN_TIMEOUT, and frees threads."""
+        self.ready = False
+        self.draining = True
+        if self._warmup_task is not None and not self._warmup_task.done():
+            self._warmup_task.cancel()
+            await asyncio.wait([self._warmup_task])
+        if self.batcher is not None:
+            await self.batcher.stop(self.settings.drain_timeout)
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def readiness(self) -> str | None:
+        """None when ready, otherwise why not."""
+        if self.ready:
+            return None
+        if self.draining:
+            return "the server is shutting down"
+        if self.warmup_error:
+            return f"warm-up failed ({self.warmup_error}); see the server log"
+        return "the model is loading and warming up"
+
+    async def classify(self, data: bytes, top_k: int) -> list[ClassScore]:
+        """Decodes ``data`` and classifies it within TIMEOUT seconds."""
+        if (reason := self.readiness()) is not None:
+            raise NotReady(reason)
+        assert self.batcher is not None
+        deadline = asyncio.get_running_loop().time() + self.settings.timeout
+        pixels = await self._decode(data, deadline)
+        try:
+            return await self.batcher.submit(ClassifyInput(pixels, top_k), deadline=deadline)
+        except BatcherError:
+            raise
+        except Exception as exc:
+            raise InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _decode(self, data: bytes, deadline: float) -> np.ndarray:
+        assert self.classifier is not None
+        if self._decoding >= self.settings.max_queue_size:
+            raise QueueFull("too many uploads are waiting to be decoded")
+        self._decoding += 1
+        try:
+            prepare = partial(
+                self.classifier.prepare, data, max_pixels=self.settings.max_image_pixels
+            )
+            pending = asyncio.get_running_loop().run_in_executor(self._decode_pool, prepare)
+            async with asyncio.timeout_at(deadline):
+                return await pending
+        except TimeoutError:
+            raise DeadlineExceeded("timed out while decoding the image") from None
+        finally:
+            self._decoding -= 1
+
+    def metadata(self) -> dict[str, Any]:
+        settings = self.settings
+        batcher = self.batcher
+        return {
+            "model": self.classifier.describe() if self.classifier else None,
+            "ready": self.ready,
+            "batching": {
+                "max_batch_size": settings.max_batch_size,
+                "max_batch_delay_ms": settings.max_batch_delay_ms,
+                "max_queue_size": settings.max_queue_size,
+                "timeout": settings.timeout,
+            },
+            "stats": batcher.stats.as_dict(batcher.queue_depth) if batcher else None,
+        }

@@ -1,0 +1,85 @@
+"""Inference backends: a uint8 NHWC batch in, class probabilities out.
+
+PyTorch eager is the only backend today; the seam is ``Backend``.
+"""
+
+import time
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from classification.preprocess import Preprocess
+
+
+class Backend(Protocol):
+    name: str
+    device: torch.device
+
+    def probabilities(self, pixels: np.ndarray) -> torch.Tensor:
+        """Softmax scores, shape (N, classes), on the CPU, for a uint8 (N, H, W, 3) batch."""
+        ...
+
+
+def resolve_device(requested: str) -> torch.device:
+    """Maps DEVICE (auto, cpu, cuda, cuda:N) to a device, or raises ValueError."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"DEVICE={requested!r} but CUDA is not available: use cpu or auto")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(
+                f"DEVICE={requested!r} but only {torch.cuda.device_count()} CUDA devices exist"
+            )
+    return device
+
+
+class TorchBackend:
+    """PyTorch eager inference. The batch stays uint8 until it reaches the device."""
+
+    name = "torch"
+
+    def __init__(
+        self, module: nn.Module, preprocess: Preprocess, device: torch.device, channels_last: bool
+    ) -> None:
+        self.device = device
+        self.preprocess = preprocess
+        self.module = module.to(device)
+        self.channels_last = False
+        self.set_channels_last(channels_last)
+
+    def set_channels_last(self, enabled: bool) -> None:
+        layout = torch.channels_last if enabled else torch.contiguous_format
+        self.module.to(memory_format=layout)
+        self.channels_last = enabled
+
+    def probabilities(self, pixels: np.ndarray) -> torch.Tensor:
+        batch = torch.from_numpy(pixels)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        inputs = self.preprocess.normalize(batch)
+        if not self.channels_last:
+            inputs = inputs.contiguous()
+        with torch.inference_mode():
+            logits = self.module(inputs)
+        probabilities: torch.Tensor = logits.float().softmax(dim=1).cpu()
+        return probabilities
+
+    def seconds_per_batch(self, batch_size: int, repeats: int = 3) -> float:
+        """Best-of-``repeats`` wall time of one forward pass on a random batch."""
+        size = self.preprocess.crop_size
+        pixels = np.random.default_rng(0).integers(
+            0, 256, (batch_size, size, size, 3), dtype=np.uint8
+        )
+        self.probabilities(pixels)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            self.probabilities(pixels)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            best = min(best, time.perf_counter() - started)
+        return best

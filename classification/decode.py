@@ -1,0 +1,72 @@
+"""Turns uploaded bytes into an RGB image, refusing anything that is not a safe image."""
+
+import io
+import struct
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from classification.errors import BadImage, ImageTooLarge, UnsupportedImage
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+"""Pillow format names. The JPEG reader also opens MPO, the multi-picture JPEG that
+many cameras write."""
+
+# The pixel limit is checked from the header by decode_image, before any pixel is
+# decoded, so Pillow's own, lower decompression-bomb limit is redundant.
+Image.MAX_IMAGE_PIXELS = None
+
+_CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_CONVERTIBLE_MODES = {"1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> Image.Image:
+    """Decodes an upload into an RGB image whose shorter side is at least ``min_side``
+    (or the original size, if smaller), with EXIF orientation applied.
+
+    Large JPEGs are decoded at a reduced DCT scale that still covers ``min_side``.
+    Raises BadImage, UnsupportedImage or ImageTooLarge with a message for the caller.
+    """
+    if not data:
+        raise BadImage("the upload is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        raise UnsupportedImage(
+            "not an image in an accepted format: send JPEG, PNG, WebP, BMP, GIF or TIFF"
+        ) from None
+    except _CORRUPT_IMAGE_ERRORS as exc:
+        raise BadImage(f"corrupt image header: {exc}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    if width < 1 or height < 1:
+        raise BadImage(f"image has no pixels ({width}x{height})")
+    try:
+        if image.format in ("JPEG", "MPO"):
+            image.draft(None, (min_side, min_side))
+        image.load()
+        return _to_rgb(ImageOps.exif_transpose(image))
+    except _CORRUPT_IMAGE_ERRORS as exc:
+        raise BadImage(f"corrupt or truncated {image.format} image: {exc}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(image).astype(np.uint32)
+        narrow = (np.clip(wide, 0, 65535) * 255 + 32767) // 65535
+        return Image.fromarray(narrow.astype(np.uint8)).convert("RGB")
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        background.alpha_composite(image.convert("RGBA"))
+        return background.convert("RGB")
+    if mode in _CONVERTIBLE_MODES:
+        return image.convert("RGB")
+    raise UnsupportedImage(f"unsupported pixel mode {mode!r}: send 8- or 16-bit RGB or grayscale")
