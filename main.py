@@ -47,14 +47,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-app = create_app()
-
-
-if __name__ == "__main__":
+def run() -> None:
+    """Serves with uvicorn on HOST:PORT, or exits with the configuration error."""
     import uvicorn
 
     try:
         settings = get_settings()
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
-    uvicorn.run("main:app", host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+    )
+
+
+if __name__ == "__main__":
+    run()
+else:
+    app = create_app()

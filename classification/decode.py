@@ -16,6 +16,17 @@ many cameras write."""
 # decoded, so Pillow's own, lower decompression-bomb limit is redundant.
 Image.MAX_IMAGE_PIXELS = None
 
+# Magic numbers of the accepted formats: such a file that Pillow cannot open is corrupt,
+# not of the wrong type.
+_SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
 _CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -34,6 +45,8 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
+        if claimed := _claimed_format(data):
+            raise BadImage(f"corrupt {claimed} image: its header cannot be read") from None
         raise UnsupportedImage(
             "not an image in an accepted format: send JPEG, PNG, WebP, BMP, GIF or TIFF"
         ) from None
@@ -53,6 +66,12 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> Image.Image:
         return _to_rgb(ImageOps.exif_transpose(image))
     except _CORRUPT_IMAGE_ERRORS as exc:
         raise BadImage(f"corrupt or truncated {image.format} image: {exc}") from None
+
+
+def _claimed_format(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((fmt for magic, fmt in _SIGNATURES.items() if data.startswith(magic)), None)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -24,9 +24,14 @@ class Preprocess:
         of the source region that the crop keeps.
         """
         width, height = image.size
-        scale = self.resize_size / min(width, height)
-        resized_w = max(self.crop_size, round(width * scale))
-        resized_h = max(self.crop_size, round(height * scale))
+        # Sizes and offsets round as torchvision's Resize and CenterCrop do.
+        short, long = sorted((width, height))
+        resized_short = self.resize_size
+        resized_long = int(self.resize_size * long / short)
+        if width <= height:
+            resized_w, resized_h = resized_short, resized_long
+        else:
+            resized_w, resized_h = resized_long, resized_short
         left = round((resized_w - self.crop_size) / 2)
         top = round((resized_h - self.crop_size) / 2)
         sx, sy = width / resized_w, height / resized_h

@@ -1,0 +1,94 @@
+"""Decoding and preprocessing, on real photos."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from classification import BadImage, Classifier, ImageTooLarge, UnsupportedImage
+from classification.decode import decode_image
+from classification.models import load_model
+from tests.images import (
+    chelsea,
+    encode,
+    exif_rotated_jpeg,
+    photo_bytes,
+    png_claiming,
+    truncated_jpeg,
+)
+
+LITE0 = load_model("efficientnet_lite0").preprocess
+
+
+def decode(data: bytes, max_pixels: int = 10**8) -> Image.Image:
+    return decode_image(data, max_pixels=max_pixels, min_side=256)
+
+
+def test_crop_matches_resize_then_center_crop() -> None:
+    image = chelsea()
+    reference = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])(image)
+    ours = LITE0.crop(image).astype(np.int16)
+    theirs = np.asarray(reference).astype(np.int16)
+    assert ours.shape == theirs.shape == (224, 224, 3)
+    assert np.abs(ours - theirs).mean() < 1.5
+
+
+def test_normalize_scales_pixels_as_the_weights_expect() -> None:
+    pixels = torch.tensor([[[[0, 127, 255]]]], dtype=torch.uint8)
+    normalized = LITE0.normalize(pixels)
+    assert normalized.shape == (1, 3, 1, 1)
+    assert normalized.flatten().tolist() == pytest.approx([-127 / 128, 0.0, 128 / 128])
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_without_changing_the_result() -> None:
+    big = chelsea().resize((451 * 9, 300 * 9), Image.Resampling.BICUBIC)
+    data = encode(big, "JPEG", quality=92)
+    classifier = Classifier(load_model("efficientnet_lite0"))
+    drafted = classifier.prepare(data, max_pixels=10**8)
+    full = LITE0.crop(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.abs(drafted.astype(np.int16) - full.astype(np.int16)).mean() < 1.0
+    probabilities = classifier.backend.probabilities(np.stack([drafted, full]))
+    assert probabilities.argmax(dim=1).tolist() == [285, 285]
+    assert (probabilities[0] - probabilities[1]).abs().max() < 0.02
+
+
+def test_draft_decodes_fewer_pixels_but_covers_the_resize() -> None:
+    big = chelsea().resize((451 * 9, 300 * 9), Image.Resampling.BICUBIC)
+    drafted = decode(encode(big, "JPEG", quality=92))
+    assert 256 <= min(drafted.size) < 2700 // 2
+
+
+def test_exif_orientation_is_applied() -> None:
+    upright = chelsea()
+    decoded = decode(exif_rotated_jpeg(upright))
+    assert decoded.size == upright.size
+    difference = np.abs(np.asarray(decoded).astype(np.int16) - np.asarray(upright).astype(np.int16))
+    assert difference.mean() < 4.0
+
+
+def test_pixel_limit_is_checked_from_the_header() -> None:
+    with pytest.raises(ImageTooLarge, match="50000x50000"):
+        decode(png_claiming(50000, 50000))
+    with pytest.raises(ImageTooLarge):
+        decode(photo_bytes("chelsea"), max_pixels=451 * 300 - 1)
+    assert decode(photo_bytes("chelsea"), max_pixels=451 * 300).size == (451, 300)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"", BadImage),
+        (truncated_jpeg(), BadImage),
+        (b"GIF89a" + b"\x00" * 20, BadImage),
+        (b"%PDF-1.4 not an image", UnsupportedImage),
+        (encode(chelsea(), "PPM"), UnsupportedImage),
+        (encode(chelsea().convert("F"), "TIFF"), UnsupportedImage),
+    ],
+    ids=["empty", "truncated-jpeg", "broken-gif", "pdf", "ppm-not-allowed", "float-tiff"],
+)
+def test_bad_input_raises_a_named_error(data: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        decode(data)

@@ -1,0 +1,170 @@
+"""Timeouts, a full queue, a long batch, warm-up and shutdown, against real processes."""
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.images import photo_bytes
+from tests.server import Server, launch, running_server, stop, wait_ready
+
+pytestmark = pytest.mark.anyio
+
+CAT = photo_bytes("chelsea")
+
+
+async def timed_post(client: httpx.AsyncClient) -> tuple[int, float, httpx.Response]:
+    started = time.monotonic()
+    response = await client.post("/cls", files={"file": ("cat.jpg", CAT)})
+    return response.status_code, time.monotonic() - started, response
+
+
+async def flood(server: Server, n: int) -> list[tuple[int, float, httpx.Response]]:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
+        return await asyncio.gather(*(timed_post(client) for _ in range(n)))
+
+
+def stats(server: Server) -> dict[str, int]:
+    meta = httpx.get(f"{server.url}/metadata", timeout=10).json()
+    return {**meta["stats"], "decode_rejected_full": meta["decode"]["rejected_full"]}
+
+
+async def test_late_requests_get_504_near_the_timeout_and_are_not_computed(
+    tmp_path: Path,
+) -> None:
+    env = {"TIMEOUT": "0.2", "MAX_QUEUE_SIZE": "1000"}
+    with running_server(env, tmp_path / "server.log") as server:
+        before = stats(server)
+        results = await flood(server, 96)
+        after = stats(server)
+        statuses = [status for status, _, _ in results]
+        assert set(statuses) <= {200, 504}, statuses
+        timed_out = sorted(latency for status, latency, _ in results if status == 504)
+        assert len(timed_out) >= 24, statuses
+        # 504s come close to TIMEOUT=0.2 s; the bound leaves room for a loaded 2-core host.
+        assert timed_out[len(timed_out) // 2] < 1.0, timed_out
+        assert timed_out[-1] < 3.0, timed_out
+        assert "TIMEOUT" in next(r for s, _, r in results if s == 504).json()["detail"]
+        assert after["dropped_expired"] > before["dropped_expired"]
+        assert after["items"] - before["items"] < 96
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            status, latency, _ = await timed_post(client)
+        assert status == 200
+        assert latency < 2.0
+
+
+async def test_full_queue_gives_503_with_retry_after_and_recovers(tmp_path: Path) -> None:
+    env = {"MAX_QUEUE_SIZE": "2", "TIMEOUT": "10"}
+    with running_server(env, tmp_path / "server.log") as server:
+        results = await flood(server, 64)
+        statuses = [status for status, _, _ in results]
+        assert set(statuses) <= {200, 503}, statuses
+        rejected = [response for status, _, response in results if status == 503]
+        assert rejected, statuses
+        assert all(r.headers["retry-after"] == "1" for r in rejected)
+        assert "capacity" in rejected[0].json()["detail"]
+        counters = stats(server)
+        assert counters["rejected_full"] + counters["decode_rejected_full"] == len(rejected)
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            assert (await timed_post(client))[0] == 200
+
+
+async def probe_during_warm_up(
+    server: Server,
+) -> tuple[httpx.Response | None, httpx.Response | None]:
+    """Polls readiness from the first moment the server listens; returns the first 503
+    and a /cls answer sent right after it, or Nones if the server was already ready."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=5) as client:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert server.process.poll() is None, server.output()
+            try:
+                ready = await client.get("/health/ready")
+            except httpx.TransportError:
+                await asyncio.sleep(0.02)
+                continue
+            if ready.status_code == 200:
+                return None, None
+            return ready, await client.post("/cls", files={"file": ("c.jpg", CAT)})
+    raise TimeoutError(server.output())
+
+
+async def test_ready_is_503_during_warm_up_and_live_answers_during_a_long_batch(
+    tmp_path: Path,
+) -> None:
+    env = {"MAX_BATCH_SIZE": "32", "MAX_BATCH_DELAY_MS": "500", "TIMEOUT": "60"}
+    server = launch(env, tmp_path / "server.log")
+    try:
+        seen_unready, early = await probe_during_warm_up(server)
+        assert seen_unready is not None, "warm-up finished before the first probe"
+        assert seen_unready.status_code == 503
+        assert "warming up" in seen_unready.json()["detail"]
+        assert early is not None
+        assert early.status_code == 503
+        assert early.headers["retry-after"] == "1"
+        wait_ready(server)
+
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            batch = [asyncio.create_task(timed_post(client)) for _ in range(32)]
+            # Another process: nothing to await but its counters. Wait for the 32-image
+            # batch to be dispatched.
+            while stats(server)["items"] < 32:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            live_latencies = []
+            for _ in range(5):
+                started = time.monotonic()
+                assert (await client.get("/health/live")).status_code == 200
+                live_latencies.append(time.monotonic() - started)
+            still_computing = not any(task.done() for task in batch)
+            results = await asyncio.gather(*batch)
+        assert all(status == 200 for status, _, _ in results)
+        assert still_computing, "the batch finished before /health/live was probed"
+        assert max(live_latencies) < 0.3, live_latencies
+        assert stats(server)["batch_size_histogram"].get("32") == 1  # type: ignore[attr-defined]
+    finally:
+        stop(server)
+
+
+async def test_sigterm_answers_every_accepted_request_then_exits(tmp_path: Path) -> None:
+    server = launch({"TIMEOUT": "30"}, tmp_path / "server.log")
+    try:
+        wait_ready(server)
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=24)
+        ) as client:
+            tasks = [asyncio.create_task(timed_post(client)) for _ in range(24)]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            server.process.send_signal(signal.SIGTERM)
+            results = await asyncio.gather(*tasks)
+        assert [status for status, _, _ in results] == [200] * 24
+        # After a clean shutdown uvicorn re-raises the signal it caught, so the parent
+        # sees the conventional "terminated by SIGTERM" status rather than 0.
+        assert server.process.wait(30) in (0, -signal.SIGTERM), server.output()
+        assert "Application shutdown complete" in server.output()
+    finally:
+        stop(server)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MAX_BATCH_SIZE": "0"}, "MAX_BATCH_SIZE='0'"),
+        ({"TIMEOUT": "soon"}, "TIMEOUT='soon'"),
+        ({"MODEL": "no_such_net"}, "MODEL='no_such_net'"),
+        ({"DEVICE": "cuda"}, "DEVICE='cuda'"),
+        ({"WEIGHTS": "/nonexistent/weights.pt"}, "WEIGHTS='/nonexistent/weights.pt'"),
+    ],
+)
+def test_invalid_setting_stops_startup_naming_the_variable(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    server = launch(env, tmp_path / "server.log")
+    try:
+        assert server.process.wait(60) != 0
+    finally:
+        stop(server)
+    assert message in server.output(), server.output()
