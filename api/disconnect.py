@@ -21,8 +21,8 @@ async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -
 
     Call only after the request body has been read, since this consumes ``receive``.
     """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    task = asyncio.create_task(work, name=f"request-work {request.url.path}")
+    watcher = asyncio.create_task(_disconnected(request), name="request-disconnect-watch")
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:

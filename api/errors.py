@@ -17,7 +17,8 @@ class ClientDisconnected(Exception):
 
 RETRY_AFTER_S = 1
 
-# (exception, status, what the caller should do). The first match wins.
+# (exception, status, what the caller should do). Starlette picks the handler of the
+# most specific class in the exception's MRO.
 _MAPPING: list[tuple[type[Exception], int, str]] = [
     (BodyTooLarge, 413, ""),
     (ImageTooLarge, 413, "; send a smaller image"),

@@ -2,6 +2,7 @@
 
 import asyncio
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -168,3 +169,48 @@ def test_invalid_setting_stops_startup_naming_the_variable(
     finally:
         stop(server)
     assert message in server.output(), server.output()
+
+
+def raw_cls_request(image: bytes) -> bytes:
+    boundary = "x1b0undary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="c.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n".encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        "POST /cls HTTP/1.1\r\nHost: test\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def test_requests_of_disconnected_clients_are_dropped_before_compute(tmp_path: Path) -> None:
+    env = {"MAX_BATCH_SIZE": "1", "MAX_QUEUE_SIZE": "1000", "TIMEOUT": "60"}
+    with running_server(env, tmp_path / "server.log") as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        before = stats(server)
+        request = raw_cls_request(CAT)
+        sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+        for sock in sockets:
+            sock.sendall(request)
+        # Another process: wait, via its counters, until every request is queued.
+        deadline = time.monotonic() + 30
+        while stats(server)["requests"] - before["requests"] < 40:
+            assert time.monotonic() < deadline, stats(server)
+            time.sleep(0.01)
+        kept, abandoned = sockets[:5], sockets[5:]
+        for sock in abandoned:
+            sock.close()
+        for sock in kept:
+            sock.settimeout(60)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+            sock.close()
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+        after = stats(server)
+        assert after["dropped_cancelled"] > before["dropped_cancelled"]
+        assert after["items"] - before["items"] < 40
