@@ -63,6 +63,16 @@ def make_batcher(
     return batcher
 
 
+async def computing(
+    model: FakeModel, batcher: MicroBatcher[int, int], item: int = 1
+) -> "asyncio.Task[int]":
+    """Submits ``item`` and returns once the model is busy with it, holding it there."""
+    model.hold()
+    task = later(batcher, item)
+    await model.wait_entered()
+    return task
+
+
 async def submit_all(batcher: MicroBatcher[int, int], items: list[int]) -> list[int]:
     return await asyncio.gather(*(batcher.submit(i) for i in items))
 
@@ -120,9 +130,7 @@ async def test_delay_counts_from_the_first_item_of_the_batch() -> None:
 async def test_batch_fn_runs_off_the_event_loop_and_next_batch_forms_meanwhile() -> None:
     model = FakeModel()
     batcher = make_batcher(model, max_batch_size=4, delay_s=0.01)
-    model.hold()
-    first = later(batcher, 1)
-    await model.wait_entered()
+    first = await computing(model, batcher)
     # The loop is free while the batch computes: other coroutines run.
     assert await asyncio.wait_for(asyncio.sleep(0.01, result="alive"), timeout=1) == "alive"
     waiting = [later(batcher, i) for i in (2, 3, 4)]
@@ -140,9 +148,7 @@ async def test_expired_item_is_dropped_before_compute() -> None:
     model = FakeModel()
     loop = asyncio.get_running_loop()
     batcher = make_batcher(model, max_batch_size=1, delay_s=0)
-    model.hold()
-    blocker = later(batcher, 1)
-    await model.wait_entered()
+    blocker = await computing(model, batcher)
     with pytest.raises(DeadlineExceeded):
         await batcher.submit(2, deadline=loop.time() + 0.1)
     model.release()
@@ -156,9 +162,7 @@ async def test_expired_item_is_dropped_before_compute() -> None:
 async def test_cancelled_caller_is_dropped_before_compute() -> None:
     model = FakeModel()
     batcher = make_batcher(model, max_batch_size=1, delay_s=0)
-    model.hold()
-    blocker = later(batcher, 1)
-    await model.wait_entered()
+    blocker = await computing(model, batcher)
     gone = later(batcher, 2)
     await asyncio.sleep(0.05)
     gone.cancel()
@@ -210,9 +214,7 @@ async def test_full_queue_rejects_at_once() -> None:
     model = FakeModel()
     loop = asyncio.get_running_loop()
     batcher = make_batcher(model, max_batch_size=1, delay_s=0, queue=2)
-    model.hold()
-    blocker = later(batcher, 1)
-    await model.wait_entered()
+    blocker = await computing(model, batcher)
     # The next batch (one item) forms and waits for the worker; two more fill the queue.
     queued = [later(batcher, 2)]
     await asyncio.sleep(0.05)
@@ -264,9 +266,7 @@ async def test_loop_crash_fails_pending_items_and_refuses_new_ones(
 ) -> None:
     model = FakeModel()
     batcher = make_batcher(model, max_batch_size=1, delay_s=0)
-    model.hold()
-    blocker = later(batcher, 1)
-    await model.wait_entered()
+    blocker = await computing(model, batcher)
     waiting = later(batcher, 2)
     await asyncio.sleep(0.05)
 
