@@ -2,17 +2,62 @@
 starts uvicorn on HOST:PORT."""
 
 import logging
+import signal
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from types import FrameType
 
 from fastapi import FastAPI
 
+from api.access_log import AccessLogMiddleware
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimitMiddleware
-from api.routes import classify, health, metadata
+from api.routes import classify, health, metadata, metrics
 from api.runtime import Runtime
 from settings import ConfigError, Settings, get_settings
+
+
+def configure_logging(settings: Settings) -> None:
+    """Log lines to stdout, and to LOG_FILE if set, unless the host process configured
+    logging already."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if settings.log_file is not None:
+        handlers.append(logging.FileHandler(settings.log_file))
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
+        handlers=handlers,
+    )
+
+
+@contextmanager
+def unready_on_termination(runtime: Runtime) -> Iterator[None]:
+    """Turns readiness off the moment SIGTERM or SIGINT arrives, then lets the server's
+    own handler begin its graceful shutdown."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(sig: int, frame: FrameType | None) -> None:
+        runtime.begin_shutdown()
+        handler = previous[signal.Signals(sig)]
+        if callable(handler):
+            handler(sig, frame)
+
+    for sig in previous:
+        signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if signal.getsignal(sig) is handle:
+                signal.signal(sig, handler)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -24,15 +69,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.runtime = runtime
         try:
             await runtime.start()
-            yield
+            with unready_on_termination(runtime):
+                yield
         finally:
             await runtime.stop()
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+    configure_logging(settings)
     app = FastAPI(
         title="Micro-batching image classifier",
         summary="Concurrent callers share one model through an asyncio micro-batcher.",
@@ -41,8 +83,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(AccessLogMiddleware)
     install_error_handlers(app)
-    for router in (classify.router, health.router, metadata.router):
+    for router in (classify.router, health.router, metadata.router, metrics.router):
         app.include_router(router)
     return app
 
@@ -56,7 +99,13 @@ def run() -> None:
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=settings.connection_grace_s,
+        timeout_keep_alive=settings.keepalive,
     )
 
 

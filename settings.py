@@ -1,11 +1,12 @@
 """Every knob of the server, read once from environment variables (case-insensitive)."""
 
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +22,15 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface `python main.py` binds to.")
     port: int = Field(5001, ge=1, le=65535, description="Port `python main.py` listens on.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_file: Path | None = Field(None, description="Also append log lines to this file.")
+
+    bind: str | None = Field(None, description="gunicorn's bind address; default HOST:PORT.")
+    workers: int = Field(1, ge=1, le=64, description="gunicorn workers, each with its own model.")
+    worker_timeout: int = Field(60, ge=1, description="gunicorn kills a silent worker after this.")
+    graceful_timeout: float = Field(30.0, gt=0, description="gunicorn's limit for a clean stop.")
+    keepalive: int = Field(5, ge=0, description="Seconds an idle keep-alive connection stays.")
+    max_requests: int = Field(0, ge=0, description="Restart a worker after this many; 0 never.")
+    max_requests_jitter: int = Field(0, ge=0)
 
     model: str = Field(
         "efficientnet_lite0",
@@ -32,7 +42,9 @@ class Settings(BaseSettings):
     channels_last: Literal["auto", "true", "false"] = Field(
         "auto", description="auto times both memory formats at warm-up and keeps the faster."
     )
-    torch_threads: int = Field(0, ge=0, description="Intra-op threads; 0 means one per core.")
+    torch_threads: int = Field(
+        0, ge=0, description="Intra-op threads per worker; 0 means cores / WORKERS."
+    )
 
     max_batch_size: int = Field(4, ge=1, le=1024)
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
@@ -49,6 +61,31 @@ class Settings(BaseSettings):
         description="Threads that decode and resize uploads.",
     )
 
+    @property
+    def intra_op_threads(self) -> int:
+        """Torch threads per worker, so that WORKERS workers share the cores."""
+        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
+
+    @property
+    def connection_grace_s(self) -> int:
+        """Whole seconds a stopping worker waits for in-flight requests, which end by
+        TIMEOUT at the latest."""
+        return math.ceil(self.timeout) + 1
+
+    @property
+    def gunicorn_bind(self) -> str:
+        return self.bind or f"{self.host}:{self.port}"
+
+    @model_validator(mode="after")
+    def _shutdown_fits_in_graceful_timeout(self) -> "Settings":
+        needed = self.connection_grace_s + self.drain_timeout
+        if self.graceful_timeout <= needed:
+            raise ValueError(
+                f"GRACEFUL_TIMEOUT={self.graceful_timeout} must exceed ceil(TIMEOUT) + 1"
+                f" + DRAIN_TIMEOUT = {needed}, or gunicorn kills workers mid-drain"
+            )
+        return self
+
 
 def load_settings() -> Settings:
     """Reads the environment, or raises ConfigError naming each bad variable and value."""
@@ -57,6 +94,9 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
+            if not error["loc"]:
+                problems.append(error["msg"].removeprefix("Value error, "))
+                continue
             name = ".".join(str(part) for part in error["loc"]).upper()
             problems.append(f"{name}={error.get('input')!r}: {error['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from api.metrics import PrometheusObserver
 from batching import BatcherError, DeadlineExceeded, MicroBatcher, QueueFull
 from classification import Classifier, ClassifyInput, ClassScore, load_model
 from settings import Settings
@@ -31,9 +32,8 @@ class Runtime:
         self.settings = settings
         self.classifier: Classifier | None = None
         self.batcher: MicroBatcher[ClassifyInput, list[ClassScore]] | None = None
-        self.ready = False
         self.warmed_up = asyncio.Event()
-        self.draining = False
+        self.stopping = False
         self.warmup_error: str | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
         self._decoding = 0
@@ -46,8 +46,7 @@ class Runtime:
         Raises ValueError naming the setting when the model cannot be loaded.
         """
         settings = self.settings
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(settings.intra_op_threads)
         model = await asyncio.to_thread(load_model, settings.model, settings.weights)
         self.classifier = Classifier(
             model, device=settings.device, channels_last=settings.channels_last
@@ -59,6 +58,7 @@ class Runtime:
             max_batch_delay_s=settings.max_batch_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
             name="classifier",
+            observer=PrometheusObserver(),
         )
         self.batcher.start()
         self._warmup_task = asyncio.create_task(self._warm_up(), name="warmup")
@@ -67,7 +67,6 @@ class Runtime:
     async def _warm_up(self) -> None:
         assert self.classifier is not None
         await asyncio.to_thread(self.classifier.warmup, self.settings.max_batch_size)
-        self.ready = True
         self.warmed_up.set()
 
     def _on_warmup_done(self, task: "asyncio.Task[None]") -> None:
@@ -75,10 +74,14 @@ class Runtime:
             self.warmup_error = f"{type(error).__name__}: {error}"
             logger.error("warm-up failed; the server stays unready", exc_info=error)
 
+    def begin_shutdown(self) -> None:
+        """Turns readiness off so load balancers move away; requests still in flight, or
+        arriving on connections already open, are still served until ``stop``."""
+        self.stopping = True
+
     async def stop(self) -> None:
         """Refuses new work, drains the batcher within DRAIN_TIMEOUT, and frees threads."""
-        self.ready = False
-        self.draining = True
+        self.stopping = True
         if self._warmup_task is not None and not self._warmup_task.done():
             self._warmup_task.cancel()
             await asyncio.wait([self._warmup_task])
@@ -89,18 +92,18 @@ class Runtime:
 
     def readiness(self) -> str | None:
         """None when ready, otherwise why not."""
-        if self.ready:
-            return None
-        if self.draining:
+        if self.stopping:
             return "the server is shutting down"
         if self.warmup_error:
             return f"warm-up failed ({self.warmup_error}); see the server log"
-        return "the model is loading and warming up"
+        if not self.warmed_up.is_set():
+            return "the model is loading and warming up"
+        return None
 
     async def classify(self, data: bytes, top_k: int) -> list[ClassScore]:
         """Decodes ``data`` and classifies it within TIMEOUT seconds."""
-        if (reason := self.readiness()) is not None:
-            raise NotReady(reason)
+        if not self.warmed_up.is_set():
+            raise NotReady(self.readiness())
         assert self.batcher is not None
         deadline = asyncio.get_running_loop().time() + self.settings.timeout
         pixels = await self._decode(data, deadline)
@@ -134,7 +137,7 @@ class Runtime:
         batcher = self.batcher
         return {
             "model": self.classifier.describe() if self.classifier else None,
-            "ready": self.ready,
+            "ready": self.readiness() is None,
             "batching": {
                 "max_batch_size": settings.max_batch_size,
                 "max_batch_delay_ms": settings.max_batch_delay_ms,

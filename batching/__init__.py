@@ -8,6 +8,7 @@ from batching.errors import (
     DeadlineExceeded,
     QueueFull,
 )
+from batching.observer import BatcherObserver
 from batching.stats import BatcherStats
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "BatchSizeMismatch",
     "BatcherClosed",
     "BatcherError",
+    "BatcherObserver",
     "BatcherStats",
     "DeadlineExceeded",
     "MicroBatcher",

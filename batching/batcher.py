@@ -7,6 +7,7 @@ dedicated worker thread so the event loop keeps serving while a batch computes.
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from batching.errors import (
     DeadlineExceeded,
     QueueFull,
 )
+from batching.observer import BatcherObserver
 from batching.stats import BatcherStats
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ class _Pending(Generic[In, Out]):
     item: In
     future: "asyncio.Future[Out]"
     deadline: float | None
+    submitted_at: float
 
 
 def _set_result(future: "asyncio.Future[Out]", result: Out) -> None:
@@ -65,6 +68,7 @@ class MicroBatcher(Generic[In, Out]):
         max_batch_delay_s: float,
         max_queue_size: int,
         name: str = "batcher",
+        observer: BatcherObserver | None = None,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
@@ -77,6 +81,7 @@ class MicroBatcher(Generic[In, Out]):
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue_size = max_queue_size
         self.name = name
+        self.observer = observer or BatcherObserver()
         self.stats = BatcherStats()
         self._queue: deque[_Pending[In, Out]] = deque()
         self._wakeup: asyncio.Future[None] | None = None
@@ -115,15 +120,18 @@ class MicroBatcher(Generic[In, Out]):
         self.stats.requests += 1
         if not self._accepting:
             self.stats.rejected_closed += 1
+            self.observer.rejected("closed")
             raise BatcherClosed(f"{self.name} is not accepting work")
         if len(self._queue) >= self.max_queue_size:
             self._purge_dead()
             if len(self._queue) >= self.max_queue_size:
                 self.stats.rejected_full += 1
+                self.observer.rejected("queue_full")
                 raise QueueFull(f"{self.name} queue is full ({self.max_queue_size} items)")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Out] = loop.create_future()
-        self._queue.append(_Pending(item, future, deadline))
+        self._queue.append(_Pending(item, future, deadline, time.monotonic()))
+        self.observer.queue_depth(len(self._queue))
         self._wake()
         if deadline is None:
             return await future
@@ -179,10 +187,12 @@ class MicroBatcher(Generic[In, Out]):
         """Counts and reports items that must not be computed."""
         if pending.deadline is not None and now >= pending.deadline:
             self.stats.dropped_expired += 1
+            self.observer.dropped("expired")
             _set_exception(pending.future, DeadlineExceeded("deadline passed while queued"))
             return True
         if pending.future.done():
             self.stats.dropped_cancelled += 1
+            self.observer.dropped("cancelled")
             return True
         return False
 
@@ -192,10 +202,12 @@ class MicroBatcher(Generic[In, Out]):
             pending = self._queue.popleft()
             if not self._is_dead(pending, now):
                 batch.append(pending)
+        self.observer.queue_depth(len(self._queue))
 
     def _purge_dead(self) -> None:
         now = asyncio.get_running_loop().time()
         self._queue = deque(p for p in self._queue if not self._is_dead(p, now))
+        self.observer.queue_depth(len(self._queue))
 
     async def _collect(self) -> list[_Pending[In, Out]] | None:
         """Returns the next batch once it may start, or None when stopped and drained."""
@@ -234,11 +246,18 @@ class MicroBatcher(Generic[In, Out]):
 
     def _dispatch(self, batch: list[_Pending[In, Out]]) -> None:
         self.stats.record_batch(len(batch))
+        started = time.monotonic()
+        queue_waits = [started - p.submitted_at for p in batch]
         inputs = [p.item for p in batch]
         running = asyncio.get_running_loop().run_in_executor(self._executor, self.batch_fn, inputs)
         self._running = running
         self._running_batch = batch
-        running.add_done_callback(lambda done: self._resolve(batch, done))
+
+        def finished(done: "asyncio.Future[Sequence[Out | BaseException]]") -> None:
+            self.observer.batch_done(queue_waits, time.monotonic() - started)
+            self._resolve(batch, done)
+
+        running.add_done_callback(finished)
 
     def _resolve(
         self, batch: list[_Pending[In, Out]], done: "asyncio.Future[Sequence[Out | BaseException]]"

@@ -97,7 +97,12 @@ async def probe_during_warm_up(
 async def test_ready_is_503_during_warm_up_and_live_answers_during_a_long_batch(
     tmp_path: Path,
 ) -> None:
-    env = {"MAX_BATCH_SIZE": "32", "MAX_BATCH_DELAY_MS": "500", "TIMEOUT": "60"}
+    env = {
+        "MAX_BATCH_SIZE": "32",
+        "MAX_BATCH_DELAY_MS": "500",
+        "TIMEOUT": "60",
+        "GRACEFUL_TIMEOUT": "120",
+    }
     server = launch(env, tmp_path / "server.log")
     try:
         seen_unready, early = await probe_during_warm_up(server)
@@ -131,7 +136,7 @@ async def test_ready_is_503_during_warm_up_and_live_answers_during_a_long_batch(
 
 
 async def test_sigterm_answers_every_accepted_request_then_exits(tmp_path: Path) -> None:
-    server = launch({"TIMEOUT": "30"}, tmp_path / "server.log")
+    server = launch({"TIMEOUT": "30", "GRACEFUL_TIMEOUT": "60"}, tmp_path / "server.log")
     try:
         wait_ready(server)
         async with httpx.AsyncClient(
@@ -188,7 +193,12 @@ def raw_cls_request(image: bytes) -> bytes:
 
 
 def test_requests_of_disconnected_clients_are_dropped_before_compute(tmp_path: Path) -> None:
-    env = {"MAX_BATCH_SIZE": "1", "MAX_QUEUE_SIZE": "1000", "TIMEOUT": "60"}
+    env = {
+        "MAX_BATCH_SIZE": "1",
+        "MAX_QUEUE_SIZE": "1000",
+        "TIMEOUT": "60",
+        "GRACEFUL_TIMEOUT": "120",
+    }
     with running_server(env, tmp_path / "server.log") as server:
         port = int(server.url.rsplit(":", 1)[1])
         before = stats(server)

@@ -1,0 +1,49 @@
+"""gunicorn settings, from the same environment variables as the app.
+
+    gunicorn main:app -c gunicorn_config.py
+
+Each worker loads its own model and runs its own batcher. Shutdown order on SIGTERM:
+in-flight requests get TIMEOUT + 1 s, then the batcher drains for DRAIN_TIMEOUT, all
+inside GRACEFUL_TIMEOUT (settings.py refuses values that do not fit).
+"""
+
+import os
+import shutil
+import tempfile
+
+from prometheus_client import multiprocess
+
+from settings import get_settings
+
+_settings = get_settings()
+
+bind = _settings.gunicorn_bind
+workers = _settings.workers
+worker_class = "worker.DrainingUvicornWorker"
+timeout = _settings.worker_timeout
+graceful_timeout = _settings.graceful_timeout
+keepalive = _settings.keepalive
+max_requests = _settings.max_requests
+max_requests_jitter = _settings.max_requests_jitter
+loglevel = _settings.log_level
+errorlog = "-"
+accesslog = None  # the app logs one line per request, with its request id
+
+# Every worker writes its metrics here and /metrics sums them. The directory must be empty
+# at start, so a fresh one is made per server unless the operator chose one.
+_made_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _made_metrics_dir:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-")
+_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+os.makedirs(_metrics_dir, exist_ok=True)
+for _name in os.listdir(_metrics_dir):
+    os.remove(os.path.join(_metrics_dir, _name))
+
+
+def child_exit(server: object, worker: object) -> None:
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+
+
+def on_exit(server: object) -> None:
+    if _made_metrics_dir:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
