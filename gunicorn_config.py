@@ -11,8 +11,6 @@ import os
 import shutil
 import tempfile
 
-from prometheus_client import multiprocess
-
 from settings import get_settings
 
 _settings = get_settings()
@@ -30,7 +28,8 @@ errorlog = "-"
 accesslog = None  # the app logs one line per request, with its request id
 
 # Every worker writes its metrics here and /metrics sums them. The directory must be empty
-# at start, so a fresh one is made per server unless the operator chose one.
+# at start, so a fresh one is made per server unless the operator chose one. It must be
+# set before prometheus_client is first imported, which fixes its storage at import.
 _made_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if _made_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-")
@@ -41,6 +40,8 @@ for _name in os.listdir(_metrics_dir):
 
 
 def child_exit(server: object, worker: object) -> None:
+    from prometheus_client import multiprocess
+
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
 
 

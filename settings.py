@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     bind: str | None = Field(None, description="gunicorn's bind address; default HOST:PORT.")
     workers: int = Field(1, ge=1, le=64, description="gunicorn workers, each with its own model.")
     worker_timeout: int = Field(60, ge=1, description="gunicorn kills a silent worker after this.")
-    graceful_timeout: float = Field(30.0, gt=0, description="gunicorn's limit for a clean stop.")
+    graceful_timeout: int = Field(30, gt=0, description="gunicorn's limit for a clean stop.")
     keepalive: int = Field(5, ge=0, description="Seconds an idle keep-alive connection stays.")
     max_requests: int = Field(0, ge=0, description="Restart a worker after this many; 0 never.")
     max_requests_jitter: int = Field(0, ge=0)

@@ -48,6 +48,11 @@ DROPPED = Counter(
     "batcher_items_dropped_total", "Items dropped before compute, by reason.", ["reason"]
 )
 REJECTED = Counter("batcher_items_rejected_total", "Submissions refused, by reason.", ["reason"])
+# Every reason is exported from the start, as 0, so rate() and alerts see the series.
+for _reason in ("expired", "cancelled"):
+    DROPPED.labels(_reason)
+for _reason in ("queue_full", "closed"):
+    REJECTED.labels(_reason)
 
 
 class PrometheusObserver(BatcherObserver):

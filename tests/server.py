@@ -50,7 +50,13 @@ def wait_ready(server: Server, timeout: float = 120) -> None:
     raise TimeoutError(f"server not ready after {timeout}s:\n{server.output()}")
 
 
-def launch(env: dict[str, str], log: Path, port: int | None = None) -> Server:
+UVICORN = [sys.executable, "main.py"]
+GUNICORN = [sys.executable, "-m", "gunicorn", "main:app", "-c", "gunicorn_config.py"]
+
+
+def launch(
+    env: dict[str, str], log: Path, port: int | None = None, command: list[str] = UVICORN
+) -> Server:
     port = port or free_port()
     full_env = {
         **os.environ,
@@ -59,13 +65,10 @@ def launch(env: dict[str, str], log: Path, port: int | None = None) -> Server:
         "PORT": str(port),
         **env,
     }
+    full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "main.py"],
-            cwd=ROOT,
-            env=full_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
+            command, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
         )
     return Server(process, f"http://127.0.0.1:{port}", log)
 
@@ -82,8 +85,10 @@ def stop(server: Server, timeout: float = 30) -> int:
 
 
 @contextmanager
-def running_server(env: dict[str, str], log: Path) -> Iterator[Server]:
-    server = launch(env, log)
+def running_server(
+    env: dict[str, str], log: Path, command: list[str] = UVICORN
+) -> Iterator[Server]:
+    server = launch(env, log, command=command)
     try:
         wait_ready(server)
         yield server
