@@ -69,6 +69,7 @@ class MicroBatcher(Generic[In, Out]):
         max_queue_size: int,
         name: str = "batcher",
         observer: BatcherObserver | None = None,
+        priorities: int = 1,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
@@ -76,6 +77,8 @@ class MicroBatcher(Generic[In, Out]):
             raise ValueError(f"max_batch_delay_s must be >= 0, got {max_batch_delay_s!r}")
         if not isinstance(max_queue_size, int) or max_queue_size < 1:
             raise ValueError(f"max_queue_size must be an integer >= 1, got {max_queue_size!r}")
+        if not isinstance(priorities, int) or priorities < 1:
+            raise ValueError(f"priorities must be an integer >= 1, got {priorities!r}")
         self.batch_fn = batch_fn
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
@@ -83,7 +86,8 @@ class MicroBatcher(Generic[In, Out]):
         self.name = name
         self.observer = observer or BatcherObserver()
         self.stats = BatcherStats()
-        self._queue: deque[_Pending[In, Out]] = deque()
+        # One queue per priority class, 0 first; each holds up to max_queue_size items.
+        self._queues: list[deque[_Pending[In, Out]]] = [deque() for _ in range(priorities)]
         self._wakeup: asyncio.Future[None] | None = None
         self._accepting = False
         self._executor: ThreadPoolExecutor | None = None
@@ -98,7 +102,7 @@ class MicroBatcher(Generic[In, Out]):
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return sum(len(queue) for queue in self._queues)
 
     def start(self) -> None:
         """Starts the batch loop on the running event loop."""
@@ -109,8 +113,11 @@ class MicroBatcher(Generic[In, Out]):
         self._loop_task = asyncio.create_task(self._run(), name=f"{self.name}-loop")
         self._loop_task.add_done_callback(self._on_loop_done)
 
-    async def submit(self, item: In, *, deadline: float | None = None) -> Out:
+    async def submit(self, item: In, *, deadline: float | None = None, priority: int = 0) -> Out:
         """Queues ``item`` and returns its result.
+
+        Items of a lower ``priority`` number always go into batches first; higher numbers
+        fill the capacity left over, so they progress whenever no lower one is waiting.
 
         ``deadline`` is an absolute time on the event loop's clock (``loop.time()``).
         Raises ``QueueFull`` or ``BatcherClosed`` at once when the item cannot be queued,
@@ -122,16 +129,17 @@ class MicroBatcher(Generic[In, Out]):
             self.stats.rejected_closed += 1
             self.observer.rejected("closed")
             raise BatcherClosed(f"{self.name} is not accepting work")
-        if len(self._queue) >= self.max_queue_size:
-            self._purge_dead()
-            if len(self._queue) >= self.max_queue_size:
+        queue = self._queues[priority]
+        if len(queue) >= self.max_queue_size:
+            self._purge_dead(queue)
+            if len(queue) >= self.max_queue_size:
                 self.stats.rejected_full += 1
                 self.observer.rejected("queue_full")
                 raise QueueFull(f"{self.name} queue is full ({self.max_queue_size} items)")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Out] = loop.create_future()
-        self._queue.append(_Pending(item, future, deadline, time.monotonic()))
-        self.observer.queue_depth(len(self._queue))
+        queue.append(_Pending(item, future, deadline, time.monotonic()))
+        self.observer.queue_depth(self.queue_depth)
         self._wake()
         if deadline is None:
             return await future
@@ -154,7 +162,7 @@ class MicroBatcher(Generic[In, Out]):
                     "%s: drain did not finish in %.1fs; failing %d queued and %d running items",
                     self.name,
                     drain_timeout,
-                    len(self._queue),
+                    self.queue_depth,
                     len(self._running_batch),
                 )
                 task.cancel()
@@ -198,16 +206,19 @@ class MicroBatcher(Generic[In, Out]):
 
     def _take_live(self, batch: list[_Pending[In, Out]]) -> None:
         now = asyncio.get_running_loop().time()
-        while self._queue and len(batch) < self.max_batch_size:
-            pending = self._queue.popleft()
-            if not self._is_dead(pending, now):
-                batch.append(pending)
-        self.observer.queue_depth(len(self._queue))
+        for queue in self._queues:
+            while queue and len(batch) < self.max_batch_size:
+                pending = queue.popleft()
+                if not self._is_dead(pending, now):
+                    batch.append(pending)
+        self.observer.queue_depth(self.queue_depth)
 
-    def _purge_dead(self) -> None:
+    def _purge_dead(self, queue: "deque[_Pending[In, Out]]") -> None:
         now = asyncio.get_running_loop().time()
-        self._queue = deque(p for p in self._queue if not self._is_dead(p, now))
-        self.observer.queue_depth(len(self._queue))
+        live = [p for p in queue if not self._is_dead(p, now)]
+        queue.clear()
+        queue.extend(live)
+        self.observer.queue_depth(self.queue_depth)
 
     async def _collect(self) -> list[_Pending[In, Out]] | None:
         """Returns the next batch once it may start, or None when stopped and drained."""
@@ -292,9 +303,11 @@ class MicroBatcher(Generic[In, Out]):
         running = self._running
         if running is not None and not running.done():
             running.cancel()
-        for pending in [*self._running_batch, *self._forming, *self._queue]:
+        queued = [pending for queue in self._queues for pending in queue]
+        for pending in [*self._running_batch, *self._forming, *queued]:
             _set_exception(pending.future, error)
-        self._queue.clear()
+        for queue in self._queues:
+            queue.clear()
         self._running_batch = []
         self._forming = []
 

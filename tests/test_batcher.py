@@ -351,3 +351,46 @@ async def test_observer_sees_batches_drops_and_rejections() -> None:
         await batcher.submit(4)
     assert [size for size, _ in observer.batches] == [2, 1]
     assert observer.events == ["dropped:expired", "rejected:closed"]
+
+
+async def test_interactive_items_go_first_and_bulk_items_fill_spare_capacity() -> None:
+    model = FakeModel()
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        model, max_batch_size=4, max_batch_delay_s=0.01, max_queue_size=16, priorities=2
+    )
+    batcher.start()
+    blocker = await computing(model, batcher, item=0)
+    bulk = [asyncio.create_task(batcher.submit(i, priority=1)) for i in range(100, 106)]
+    await asyncio.sleep(0)
+    interactive = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+    await asyncio.sleep(0.05)
+    model.release()
+    assert await asyncio.gather(blocker, *interactive, *bulk) == [
+        i * 2 for i in (0, 1, 2, *range(100, 106))
+    ]
+    # Interactive items lead the first batch after the blocker; bulk items fill it, and
+    # the rest of the bulk runs as soon as nothing interactive waits.
+    assert model.batches[1][:2] == [1, 2]
+    assert sorted(model.seen[3:]) == list(range(100, 106))
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_each_priority_class_has_its_own_queue_bound() -> None:
+    model = FakeModel()
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        model, max_batch_size=1, max_batch_delay_s=0, max_queue_size=2, priorities=2
+    )
+    batcher.start()
+    blocker = await computing(model, batcher)
+    bulk = [asyncio.create_task(batcher.submit(10, priority=1))]
+    await asyncio.sleep(0.05)  # the loop takes 10 as the next batch; 11 and 12 fill the queue
+    bulk += [asyncio.create_task(batcher.submit(i, priority=1)) for i in (11, 12)]
+    await asyncio.sleep(0.05)
+    assert batcher.queue_depth == 2
+    with pytest.raises(QueueFull):
+        await batcher.submit(13, priority=1)
+    interactive = asyncio.create_task(batcher.submit(2))
+    await asyncio.sleep(0.05)
+    model.release()
+    assert await asyncio.gather(blocker, interactive, *bulk) == [2, 4, 20, 22, 24]
+    await batcher.stop(drain_timeout=1)
