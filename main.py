@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from api.access_log import AccessLogMiddleware
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimitMiddleware
-from api.routes import classify, health, metadata, metrics
+from api.routes import classify, health, jobs, metadata, metrics
 from api.runtime import Runtime
 from settings import ConfigError, Settings, get_settings
 
@@ -82,10 +82,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_upload_bytes,
+        per_path={"/jobs": (settings.max_job_bytes, "MAX_JOB_BYTES")},
+    )
     app.add_middleware(AccessLogMiddleware)
     install_error_handlers(app)
-    for router in (classify.router, health.router, metadata.router, metrics.router):
+    for router in (classify.router, jobs.router, health.router, metadata.router, metrics.router):
         app.include_router(router)
     return app
 

@@ -54,6 +54,14 @@ class Settings(BaseSettings):
     top_k: int = Field(5, ge=1, le=20)
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_job_files: int = Field(1000, ge=1, description="Images in one POST /jobs.")
+    max_job_bytes: int = Field(256 * 1024 * 1024, ge=1, description="Body of one POST /jobs.")
+    max_jobs: int = Field(100, ge=1, description="Jobs held at once, finished ones included.")
+    job_ttl_s: float = Field(3600.0, gt=0, description="A finished job is kept this long.")
+    job_concurrency: int = Field(
+        0, ge=0, description="Job items in flight at once; 0 means 2 x MAX_BATCH_SIZE."
+    )
+    sse_heartbeat_s: float = Field(5.0, gt=0, description="Comment line interval on SSE.")
     max_image_pixels: int = Field(40_000_000, ge=1)
     decode_workers: int = Field(
         default_factory=lambda: min(4, os.cpu_count() or 1),
@@ -65,6 +73,10 @@ class Settings(BaseSettings):
     def intra_op_threads(self) -> int:
         """Torch threads per worker, so that WORKERS workers share the cores."""
         return self.torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
+
+    @property
+    def job_items_in_flight(self) -> int:
+        return self.job_concurrency or 2 * self.max_batch_size
 
     @property
     def connection_grace_s(self) -> int:

@@ -5,10 +5,11 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from api.exceptions import InferenceFailed, NotReady
 from api.limits import BodyTooLarge
-from api.runtime import InferenceFailed, NotReady
 from batching import BatcherClosed, DeadlineExceeded, QueueFull
 from classification import BadImage, ImageTooLarge, UnsupportedImage
+from jobs import StoreFull
 
 
 class ClientDisconnected(Exception):
@@ -25,11 +26,24 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (UnsupportedImage, 415, ""),
     (BadImage, 400, "; check that the file is a complete image"),
     (QueueFull, 503, f"; the server is at capacity, retry in {RETRY_AFTER_S} s"),
+    (
+        StoreFull,
+        503,
+        f"; wait for jobs to finish or expire (JOB_TTL_S), retry in {RETRY_AFTER_S} s",
+    ),
     (BatcherClosed, 503, "; the server is shutting down, retry on another replica"),
     (NotReady, 503, f"; retry in {RETRY_AFTER_S} s"),
     (DeadlineExceeded, 504, "; the server is overloaded or TIMEOUT is too short, retry later"),
     (InferenceFailed, 500, "; this is a server bug, see the server log"),
 ]
+
+
+def describe(exc: BaseException) -> dict[str, int | str]:
+    """The ``{"status", "detail"}`` a caller would get for ``exc`` from /cls."""
+    for exc_type, status, advice in _MAPPING:
+        if isinstance(exc, exc_type):
+            return {"status": status, "detail": f"{exc}{advice}"}
+    return {"status": 500, "detail": f"internal error: {type(exc).__name__}; see the server log"}
 
 
 def _handler(status: int, advice: str) -> Callable[[Request, Exception], Awaitable[Response]]:

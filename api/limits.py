@@ -7,10 +7,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 class BodyTooLarge(Exception):
     """The request body is larger than the configured limit."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            f"request body exceeds the {limit}-byte limit (MAX_UPLOAD_BYTES); send a smaller file"
-        )
+    def __init__(self, limit: int, setting: str) -> None:
+        super().__init__(f"request body exceeds the {limit}-byte limit ({setting}); send less")
 
 
 class BodySizeLimitMiddleware:
@@ -21,17 +19,22 @@ class BodySizeLimitMiddleware:
     raises BodyTooLarge inside the endpoint.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, per_path: dict[str, tuple[int, str]] | None = None
+    ) -> None:
+        """``per_path`` maps an exact path to its own (limit, setting name)."""
         self.app = app
-        self.max_bytes = max_bytes
+        self.default = (max_bytes, "MAX_UPLOAD_BYTES")
+        self.per_path = per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes, setting = self.per_path.get(scope["path"], self.default)
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            response = JSONResponse({"detail": str(BodyTooLarge(self.max_bytes))}, 413)
+        if declared is not None and declared > max_bytes:
+            response = JSONResponse({"detail": str(BodyTooLarge(max_bytes, setting))}, 413)
             await response(scope, receive, send)
             return
         received = 0
@@ -41,8 +44,8 @@ class BodySizeLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
+                if received > max_bytes:
+                    raise BodyTooLarge(max_bytes, setting)
             return message
 
         await self.app(scope, counting_receive, send)

@@ -9,20 +9,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from api.errors import describe
+from api.exceptions import InferenceFailed, NotReady
 from api.metrics import PrometheusObserver
+from api.schemas import Classification
 from batching import BatcherError, DeadlineExceeded, MicroBatcher, QueueFull
 from classification import Classifier, ClassifyInput, ClassScore, load_model
+from jobs import InMemoryJobStore, JobRunner
 from settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-class NotReady(Exception):
-    """The model is still loading or warming up, or the server is shutting down."""
-
-
-class InferenceFailed(Exception):
-    """The model raised while computing this request's batch; the batcher logged it."""
 
 
 class Runtime:
@@ -33,12 +29,18 @@ class Runtime:
         self.classifier: Classifier | None = None
         self.batcher: MicroBatcher[ClassifyInput, list[ClassScore]] | None = None
         self.warmed_up = asyncio.Event()
-        self.stopping = False
+        self.stopping = asyncio.Event()
         self.warmup_error: str | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
         self._decoding = 0
         self.decode_rejected_full = 0
         self._warmup_task: asyncio.Task[None] | None = None
+        self.jobs = JobRunner(
+            InMemoryJobStore(settings.max_jobs, settings.job_ttl_s),
+            self._classify_job_item,
+            describe,
+            settings.job_items_in_flight,
+        )
 
     async def start(self) -> None:
         """Loads the model, starts the batcher, and warms up in the background.
@@ -46,6 +48,7 @@ class Runtime:
         Raises ValueError naming the setting when the model cannot be loaded.
         """
         settings = self.settings
+        self._loop = asyncio.get_running_loop()
         torch.set_num_threads(settings.intra_op_threads)
         model = await asyncio.to_thread(load_model, settings.model, settings.weights)
         self.classifier = Classifier(
@@ -59,6 +62,7 @@ class Runtime:
             max_queue_size=settings.max_queue_size,
             name="classifier",
             observer=PrometheusObserver(),
+            priorities=2,
         )
         self.batcher.start()
         self._warmup_task = asyncio.create_task(self._warm_up(), name="warmup")
@@ -75,13 +79,15 @@ class Runtime:
             logger.error("warm-up failed; the server stays unready", exc_info=error)
 
     def begin_shutdown(self) -> None:
-        """Turns readiness off so load balancers move away; requests still in flight, or
-        arriving on connections already open, are still served until ``stop``."""
-        self.stopping = True
+        """Turns readiness off so load balancers move away, and ends event streams;
+        requests in flight, or arriving on connections already open, are still served
+        until ``stop``. Safe to call from a signal handler."""
+        self._loop.call_soon_threadsafe(self.stopping.set)
 
     async def stop(self) -> None:
         """Refuses new work, drains the batcher within DRAIN_TIMEOUT, and frees threads."""
-        self.stopping = True
+        self.stopping.set()
+        await self.jobs.stop()
         if self._warmup_task is not None and not self._warmup_task.done():
             self._warmup_task.cancel()
             await asyncio.wait([self._warmup_task])
@@ -92,7 +98,7 @@ class Runtime:
 
     def readiness(self) -> str | None:
         """None when ready, otherwise why not."""
-        if self.stopping:
+        if self.stopping.is_set():
             return "the server is shutting down"
         if self.warmup_error:
             return f"warm-up failed ({self.warmup_error}); see the server log"
@@ -100,21 +106,31 @@ class Runtime:
             return "the model is loading and warming up"
         return None
 
-    async def classify(self, data: bytes, top_k: int) -> list[ClassScore]:
-        """Decodes ``data`` and classifies it within TIMEOUT seconds."""
+    async def classify(self, data: bytes, top_k: int, *, bulk: bool = False) -> list[ClassScore]:
+        """Decodes ``data`` and classifies it within TIMEOUT seconds.
+
+        ``bulk`` items (job work) have no deadline and only fill the capacity that
+        interactive requests leave.
+        """
         if not self.warmed_up.is_set():
-            raise NotReady(self.readiness())
+            raise NotReady(self.readiness() or "not ready")
         assert self.batcher is not None
-        deadline = asyncio.get_running_loop().time() + self.settings.timeout
+        deadline = None if bulk else asyncio.get_running_loop().time() + self.settings.timeout
         pixels = await self._decode(data, deadline)
         try:
-            return await self.batcher.submit(ClassifyInput(pixels, top_k), deadline=deadline)
+            return await self.batcher.submit(
+                ClassifyInput(pixels, top_k), deadline=deadline, priority=1 if bulk else 0
+            )
         except BatcherError:
             raise
         except Exception as exc:
             raise InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}") from exc
 
-    async def _decode(self, data: bytes, deadline: float) -> np.ndarray:
+    async def _classify_job_item(self, data: bytes) -> dict[str, Any]:
+        scores = await self.classify(data, self.settings.top_k, bulk=True)
+        return Classification.from_scores(scores).model_dump()
+
+    async def _decode(self, data: bytes, deadline: float | None) -> np.ndarray:
         assert self.classifier is not None
         if self._decoding >= self.settings.max_queue_size:
             self.decode_rejected_full += 1

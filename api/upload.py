@@ -7,6 +7,8 @@ import json
 from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 
+from classification import BadImage
+
 # One image, and a few small text fields at most.
 MAX_FILES = 1
 MAX_FIELDS = 4
@@ -61,3 +63,72 @@ def decode_base64(text: str) -> bytes:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise HTTPException(400, "field 'image' is not valid base64") from None
+
+
+async def read_job_images(request: Request, max_files: int) -> list[bytes | BaseException]:
+    """The images of a POST /jobs, in order. An unreadable one becomes that item's error
+    rather than failing the request; too many are refused with 413."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
+        items = await _read_job_multipart(request, max_files)
+    elif media_type == "application/json":
+        items = await _read_job_json(request)
+    else:
+        raise HTTPException(
+            415,
+            f"unsupported content type {media_type or 'none'!r}: send multipart/form-data "
+            'with "files" parts, or application/json {"images": ["<base64>", ...]}',
+        )
+    if not items:
+        raise HTTPException(422, "a job needs at least one image")
+    if len(items) > max_files:
+        raise HTTPException(
+            413, f"{len(items)} images; a job takes at most {max_files} (MAX_JOB_FILES)"
+        )
+    return items
+
+
+async def _read_job_multipart(request: Request, max_files: int) -> list[bytes | BaseException]:
+    try:
+        form = await request.form(
+            max_files=max_files + 1, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES
+        )
+    except HTTPException as exc:
+        if "Too many files" in str(exc.detail):
+            raise HTTPException(
+                413, f"a job takes at most {max_files} images (MAX_JOB_FILES)"
+            ) from None
+        raise
+    try:
+        items: list[bytes | BaseException] = []
+        for part in form.getlist("files"):
+            if isinstance(part, UploadFile):
+                items.append(await part.read())
+            else:
+                items.append(BadImage("this 'files' part is text, not a file"))
+        return items
+    finally:
+        await form.close()
+
+
+async def _read_job_json(request: Request) -> list[bytes | BaseException]:
+    try:
+        payload = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPException(
+            400, 'the body is not valid JSON: send {"images": ["<base64>", ...]}'
+        ) from None
+    images = payload.get("images") if isinstance(payload, dict) else None
+    if not isinstance(images, list):
+        raise HTTPException(422, 'JSON field "images" (a list of base64 strings) is missing')
+    items: list[bytes | BaseException] = []
+    for image in images:
+        try:
+            if not isinstance(image, str):
+                raise BadImage("this item is not a base64 string")
+            items.append(decode_base64(image))
+        except HTTPException as exc:
+            items.append(BadImage(str(exc.detail)))
+        except BadImage as exc:
+            items.append(exc)
+    return items
