@@ -7,7 +7,7 @@ from uvicorn_worker import UvicornWorker
 from settings import get_settings
 
 
-class DrainingUvicornWorker(UvicornWorker):
+class DrainingUvicornWorker(UvicornWorker):  # type: ignore[misc]
     """Waits up to TIMEOUT + 1 s for in-flight requests when stopping (uvicorn-worker
     would wait forever, until gunicorn's SIGKILL), and leaves access logging to the app."""
 
