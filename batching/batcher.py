@@ -39,6 +39,7 @@ class _Pending(Generic[In, Out]):
     future: "asyncio.Future[Out]"
     deadline: float | None
     submitted_at: float
+    priority: int
 
 
 def _set_result(future: "asyncio.Future[Out]", result: Out) -> None:
@@ -138,7 +139,7 @@ class MicroBatcher(Generic[In, Out]):
                 raise QueueFull(f"{self.name} queue is full ({self.max_queue_size} items)")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Out] = loop.create_future()
-        queue.append(_Pending(item, future, deadline, time.monotonic()))
+        queue.append(_Pending(item, future, deadline, time.monotonic(), priority))
         self.observer.queue_depth(self.queue_depth)
         self._wake()
         if deadline is None:
@@ -243,7 +244,27 @@ class MicroBatcher(Generic[In, Out]):
             await self._sleep(busy, wait_s=remaining if remaining > 0 else None)
         if self._running is not None:
             await asyncio.wait([self._running])
+            self._make_room_for_urgent(batch)
         return batch
+
+    def _make_room_for_urgent(self, batch: list[_Pending[In, Out]]) -> None:
+        """Swaps the batch's least urgent items back to the front of their queues for
+        more urgent items that arrived while it waited for the worker."""
+        batch.sort(key=lambda pending: pending.priority)
+        now = asyncio.get_running_loop().time()
+        for priority, queue in enumerate(self._queues):
+            while queue and batch and batch[-1].priority > priority:
+                candidate = queue.popleft()
+                if self._is_dead(candidate, now):
+                    continue
+                displaced = batch.pop()
+                self._queues[displaced.priority].appendleft(displaced)
+                batch.insert(self._first_of_priority_above(batch, priority), candidate)
+        self.observer.queue_depth(self.queue_depth)
+
+    @staticmethod
+    def _first_of_priority_above(batch: list[_Pending[In, Out]], priority: int) -> int:
+        return next((i for i, p in enumerate(batch) if p.priority > priority), len(batch))
 
     async def _run(self) -> None:
         while (batch := await self._collect()) is not None:

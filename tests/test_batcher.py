@@ -394,3 +394,22 @@ async def test_each_priority_class_has_its_own_queue_bound() -> None:
     model.release()
     assert await asyncio.gather(blocker, interactive, *bulk) == [2, 4, 20, 22, 24]
     await batcher.stop(drain_timeout=1)
+
+
+async def test_interactive_item_displaces_bulk_from_a_batch_waiting_for_the_worker() -> None:
+    model = FakeModel()
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        model, max_batch_size=2, max_batch_delay_s=0, max_queue_size=16, priorities=2
+    )
+    batcher.start()
+    blocker = await computing(model, batcher, item=0)
+    bulk = [asyncio.create_task(batcher.submit(i, priority=1)) for i in (100, 101, 102)]
+    await asyncio.sleep(0.05)  # the next batch, [100, 101], is formed and waits
+    assert batcher.queue_depth == 1
+    urgent = asyncio.create_task(batcher.submit(1))
+    await asyncio.sleep(0.05)
+    model.release()
+    assert await asyncio.gather(blocker, urgent, *bulk) == [0, 2, 200, 202, 204]
+    assert model.batches[1] == [1, 100]
+    assert sorted(model.seen[3:]) == [101, 102]
+    await batcher.stop(drain_timeout=1)
