@@ -21,6 +21,7 @@ COPY main.py settings.py gunicorn_config.py worker.py ./
 COPY batching/ batching/
 COPY classification/ classification/
 COPY api/ api/
+COPY jobs/ jobs/
 
 RUN useradd --system --uid 10001 --no-create-home app
 USER app

@@ -1,0 +1,76 @@
+"""The bulk client against a real server."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.images import PHOTOS, truncated_jpeg
+from tests.server import ROOT, Server
+
+EXPECTED = {"chelsea": "Egyptian cat", "coffee": "espresso", "rocket": "missile"}
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    images = tmp_path / "images"
+    (images / "nested").mkdir(parents=True)
+    for name, path in PHOTOS.items():
+        shutil.copy(path, images / f"{name}.jpg")
+        shutil.copy(path, images / "nested" / f"{name}-copy.JPG")
+    (images / "README.txt").write_text("not an image, and not picked up by its suffix")
+    return images
+
+
+def run_client(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "client", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def read_jsonl(path: Path) -> dict[str, dict]:  # type: ignore[type-arg]
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return {Path(line["path"]).name: line for line in lines}
+
+
+@pytest.mark.parametrize("mode", ["jobs", "cls"])
+def test_client_classifies_a_folder_into_jsonl(
+    server: Server, folder: Path, tmp_path: Path, mode: str
+) -> None:
+    out = tmp_path / "results.jsonl"
+    result = run_client(
+        str(folder), "--url", server.url, "--mode", mode, "--out", str(out), "--job-size", "4"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = read_jsonl(out)
+    assert len(lines) == 6
+    for name, line in lines.items():
+        assert line["label"] == EXPECTED[name.split("-")[0].split(".")[0]]
+        assert 0 < line["score"] <= 1
+        assert len(line["top_k"]) == 5
+    # The progress bar rendered, with its rate.
+    assert "6/6" in result.stderr
+    assert "img/s" in result.stderr
+    assert "all 6 images classified" in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["jobs", "cls"])
+def test_client_exits_non_zero_and_summarises_a_corrupt_file(
+    server: Server, folder: Path, mode: str
+) -> None:
+    (folder / "broken.jpg").write_bytes(truncated_jpeg())
+    result = run_client(str(folder), "--url", server.url, "--mode", mode)
+    assert result.returncode == 1
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 7
+    [broken] = [line for line in lines if line["path"].endswith("broken.jpg")]
+    assert broken["error"]["status"] == 400
+    assert "1 of 7 images failed" in result.stderr
+    assert "broken.jpg" in result.stderr
