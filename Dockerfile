@@ -8,7 +8,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOST=0.0.0.0 \
-    PORT=5001
+    PORT=5001 \
+    MODEL_CACHE_DIR=/var/cache/microbatch
 
 WORKDIR /app
 
@@ -23,7 +24,8 @@ COPY classification/ classification/
 COPY api/ api/
 COPY jobs/ jobs/
 
-RUN useradd --system --uid 10001 --no-create-home app
+RUN useradd --system --uid 10001 --no-create-home app \
+    && mkdir -p /var/cache/microbatch && chown app /var/cache/microbatch
 USER app
 
 EXPOSE 5001

@@ -42,11 +42,21 @@ class Settings(BaseSettings):
     channels_last: Literal["auto", "true", "false"] = Field(
         "auto", description="auto times both memory formats at warm-up and keeps the faster."
     )
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="auto: ONNX Runtime on the CPU, PyTorch on CUDA."
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="PyTorch compute type; half types need CUDA."
+    )
+    model_cache_dir: Path = Field(Path(".model-cache"), description="Where ONNX exports are kept.")
     torch_threads: int = Field(
         0, ge=0, description="Intra-op threads per worker; 0 means cores / WORKERS."
     )
 
-    max_batch_size: int = Field(4, ge=1, le=1024)
+    max_batch_size: int | Literal["auto"] = Field(
+        "auto", description="Most items per batch, or auto: timed at warm-up."
+    )
+    max_batch_size_limit: int = Field(32, ge=1, le=1024, description="Largest size auto tries.")
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue_size: int = Field(256, ge=1)
     timeout: float = Field(2.0, gt=0, description="Seconds a request may wait before 504.")
@@ -75,8 +85,13 @@ class Settings(BaseSettings):
         return self.torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
 
     @property
+    def batch_size_ceiling(self) -> int:
+        """The largest batch the batcher may form before warm-up has chosen."""
+        return self.max_batch_size_limit if self.max_batch_size == "auto" else self.max_batch_size
+
+    @property
     def job_items_in_flight(self) -> int:
-        return self.job_concurrency or 2 * self.max_batch_size
+        return self.job_concurrency or 2 * min(self.batch_size_ceiling, 8)
 
     @property
     def connection_grace_s(self) -> int:
@@ -87,6 +102,14 @@ class Settings(BaseSettings):
     @property
     def gunicorn_bind(self) -> str:
         return self.bind or f"{self.host}:{self.port}"
+
+    @model_validator(mode="after")
+    def _batch_size_in_range(self) -> "Settings":
+        if self.max_batch_size != "auto" and not 1 <= self.max_batch_size <= 1024:
+            raise ValueError(
+                f"MAX_BATCH_SIZE='{self.max_batch_size}' must be auto or an integer from 1 to 1024"
+            )
+        return self
 
     @model_validator(mode="after")
     def _shutdown_fits_in_graceful_timeout(self) -> "Settings":

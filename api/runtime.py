@@ -51,13 +51,20 @@ class Runtime:
         self._loop = asyncio.get_running_loop()
         torch.set_num_threads(settings.intra_op_threads)
         model = await asyncio.to_thread(load_model, settings.model, settings.weights)
-        self.classifier = Classifier(
-            model, device=settings.device, channels_last=settings.channels_last
+        self.classifier = await asyncio.to_thread(
+            Classifier,
+            model,
+            device=settings.device,
+            channels_last=settings.channels_last,
+            backend=settings.backend,
+            dtype=settings.dtype,
+            cache_dir=settings.model_cache_dir,
+            threads=settings.intra_op_threads,
         )
         self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
         self.batcher = MicroBatcher(
             self.classifier.predict,
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=settings.batch_size_ceiling,
             max_batch_delay_s=settings.max_batch_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
             name="classifier",
@@ -70,7 +77,14 @@ class Runtime:
 
     async def _warm_up(self) -> None:
         assert self.classifier is not None
-        await asyncio.to_thread(self.classifier.warmup, self.settings.max_batch_size)
+        settings = self.settings
+        report = await asyncio.to_thread(
+            self.classifier.warmup,
+            settings.batch_size_ceiling,
+            tune=settings.max_batch_size == "auto",
+        )
+        assert self.batcher is not None
+        self.batcher.max_batch_size = report["batch_size"]
         self.warmed_up.set()
 
     def _on_warmup_done(self, task: "asyncio.Task[None]") -> None:
@@ -155,7 +169,8 @@ class Runtime:
             "model": self.classifier.describe() if self.classifier else None,
             "ready": self.readiness() is None,
             "batching": {
-                "max_batch_size": settings.max_batch_size,
+                "max_batch_size": batcher.max_batch_size if batcher else None,
+                "max_batch_size_setting": settings.max_batch_size,
                 "max_batch_delay_ms": settings.max_batch_delay_ms,
                 "max_queue_size": settings.max_queue_size,
                 "timeout": settings.timeout,

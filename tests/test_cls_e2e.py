@@ -195,10 +195,12 @@ def test_health_and_metadata(server: Server) -> None:
     meta = httpx.get(f"{server.url}/metadata").json()
     assert meta["model"]["name"] == "efficientnet_lite0"
     assert meta["model"]["device"] == "cpu"
-    assert meta["model"]["backend"] == "torch"
+    assert meta["model"]["backend"] == "onnxruntime"
+    assert meta["model"]["backend_fallback_reason"] is None
     assert meta["model"]["num_labels"] == 1000
     assert meta["batching"] == {
-        "max_batch_size": 4,
+        "max_batch_size": 8,
+        "max_batch_size_setting": 8,
         "max_batch_delay_ms": 5.0,
         "max_queue_size": 256,
         "timeout": 2.0,

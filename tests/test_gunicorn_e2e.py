@@ -113,8 +113,12 @@ async def test_metrics_count_every_request_across_workers(tmp_path: Path, worker
             while server.output().count("warm-up done") < 2:
                 assert time.monotonic() < deadline, server.output()
                 await asyncio.sleep(0.1)
-        limits = httpx.Limits(max_connections=8)
-        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
+        # A new connection per request: each one wakes every worker, so both serve some.
+        limits = httpx.Limits(max_connections=4)
+        headers = {"Connection": "close"}
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=60, limits=limits, headers=headers
+        ) as client:
             statuses = await asyncio.gather(*(post_cat(client) for _ in range(24)))
             assert statuses == [200] * 24
             bad = await client.post("/cls", files={"file": ("x.txt", b"not an image")})

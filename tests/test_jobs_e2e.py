@@ -194,6 +194,20 @@ def test_sse_resumes_from_last_event_id_without_losing_events(jobs_server: Serve
     assert [kind for _, kind, _ in again] == ["done"]
 
 
+def test_default_settings_time_the_batch_size_and_serve_with_onnx_runtime(
+    jobs_server: Server,
+) -> None:
+    meta = httpx.get(f"{jobs_server.url}/metadata").json()
+    assert meta["model"]["backend"] == "onnxruntime"
+    assert meta["model"]["backend_fallback_reason"] is None
+    table = meta["model"]["warmup"]["images_per_second"]
+    assert set(table) == {"1", "2", "4", "8", "16", "32"}
+    assert meta["batching"]["max_batch_size_setting"] == "auto"
+    chosen = meta["batching"]["max_batch_size"]
+    assert chosen == meta["model"]["warmup"]["batch_size"]
+    assert table[str(chosen)] >= 0.95 * max(table.values())
+
+
 def test_unknown_job_is_404(jobs_server: Server) -> None:
     for method in ("GET", "DELETE"):
         response = httpx.request(method, f"{jobs_server.url}/jobs/nope")
@@ -221,13 +235,18 @@ def test_cls_stays_fast_while_a_500_image_job_runs(jobs_server: Server) -> None:
     cls_latencies(jobs_server, 5)
     idle = p95(cls_latencies(jobs_server, 40))
     job = submit(jobs_server, photos(["chelsea", "rocket"]) * 250)
-    busy = cls_latencies(jobs_server, 40)
-    during = httpx.get(f"{jobs_server.url}/jobs/{job['job_id']}").json()
-    assert during["status"] == "running", "the job ended before /cls was measured under load"
+    busy: list[float] = []
+    while len(busy) < 40:
+        batch = cls_latencies(jobs_server, 5)
+        status = httpx.get(f"{jobs_server.url}/jobs/{job['job_id']}", timeout=10).json()
+        if status["status"] != "running":
+            break  # only latencies measured while the job ran count
+        busy += batch
+    assert len(busy) >= 15, f"the job ended after {len(busy)} /cls calls"
     factor = p95(busy) / idle
     print(
         f"/cls p95 idle {idle * 1000:.0f} ms, during a 500-image job "
-        f"{p95(busy) * 1000:.0f} ms: x{factor:.1f}"
+        f"{p95(busy) * 1000:.0f} ms: x{factor:.1f} ({len(busy)} calls)"
     )
     assert factor < 10, (idle, busy)
     # The job keeps going while /cls traffic is served, and finishes.

@@ -1,0 +1,91 @@
+"""ONNX Runtime inference on the CPU, from a PyTorch model exported once and cached."""
+
+import hashlib
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from classification.preprocess import Preprocess
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+
+
+class OnnxUnavailable(Exception):
+    """This model cannot be served with ONNX Runtime; the message says why."""
+
+
+def weights_digest(module: nn.Module) -> str:
+    """A hash of every tensor in the state dict: equal weights, equal digest."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def exported_model(module: nn.Module, name: str, crop_size: int, cache_dir: Path) -> Path:
+    """The ONNX file for ``module``, exported with a dynamic batch axis on first use and
+    reused afterwards: the cache key is the model name and a hash of its weights."""
+    path = cache_dir / f"{name}-{weights_digest(module)}-opset{OPSET}.onnx"
+    if path.is_file():
+        logger.info("using the cached ONNX export %s", path)
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Written beside, then renamed, so a crash never leaves a half-written file in the cache.
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    sample = torch.zeros(2, 3, crop_size, crop_size)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation chatter
+            torch.onnx.export(
+                module.eval(),
+                (sample,),
+                partial,
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=OPSET,
+            )
+    except Exception as exc:
+        partial.unlink(missing_ok=True)
+        raise OnnxUnavailable(
+            f"{name} does not export to ONNX: {type(exc).__name__}: {exc}"
+        ) from exc
+    partial.replace(path)
+    logger.info("exported %s to %s", name, path)
+    return path
+
+
+class OnnxBackend:
+    """ONNX Runtime on the CPU. Normalisation happens in NumPy, on the way in."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model_path: Path, preprocess: Preprocess, threads: int) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        self.session = onnxruntime.InferenceSession(
+            str(model_path), options, providers=["CPUExecutionProvider"]
+        )
+        self.device = torch.device("cpu")
+        self.preprocess = preprocess
+        self.model_path = model_path
+        self._mean = np.array(preprocess.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        self._scale = 1 / np.array(preprocess.std, dtype=np.float32).reshape(1, 3, 1, 1)
+
+    def probabilities(self, pixels: np.ndarray) -> torch.Tensor:
+        inputs = (pixels.transpose(0, 3, 1, 2).astype(np.float32) - self._mean) * self._scale
+        [logits] = self.session.run(["logits"], {"input": inputs})
+        return torch.from_numpy(logits).softmax(dim=1)

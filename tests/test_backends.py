@@ -1,0 +1,130 @@
+"""ONNX Runtime against PyTorch, the fallback, the export cache and the batch-size choice."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import classification.onnx_backend as onnx_backend
+from classification import Classifier, load_model
+from classification.classifier import choose_batch_size
+from tests.images import PHOTOS, photo_bytes
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="module")
+def onnx_classifier(cache_dir: Path) -> Classifier:
+    return Classifier(load_model("efficientnet_lite0"), backend="onnxruntime", cache_dir=cache_dir)
+
+
+def test_onnx_and_torch_agree_on_real_photos(onnx_classifier: Classifier) -> None:
+    assert onnx_classifier.backend.name == "onnxruntime"
+    assert onnx_classifier.fallback_reason is None
+    batch = np.stack(
+        [onnx_classifier.prepare(photo_bytes(name), max_pixels=10**8) for name in PHOTOS]
+    )
+    onnx = onnx_classifier.backend.probabilities(batch)
+    reference = onnx_classifier.torch_backend.probabilities(batch)
+    assert (onnx - reference).abs().max() < 1e-4
+    assert onnx.argmax(dim=1).tolist() == reference.argmax(dim=1).tolist() == [285, 967, 657]
+
+
+def test_auto_uses_onnx_runtime_on_the_cpu(cache_dir: Path) -> None:
+    classifier = Classifier(load_model("efficientnet_lite0"), backend="auto", cache_dir=cache_dir)
+    assert classifier.backend.name == "onnxruntime"
+    assert classifier.describe()["backend"] == "onnxruntime"
+
+
+def test_export_is_cached_and_reused_on_restart(
+    onnx_classifier: Classifier, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [exported] = cache_dir.glob("efficientnet_lite0-*.onnx")
+    stamp = exported.stat().st_mtime_ns
+
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise AssertionError("exported again although the cache holds the model")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    again = Classifier(load_model("efficientnet_lite0"), backend="onnxruntime", cache_dir=cache_dir)
+    assert again.backend.name == "onnxruntime"
+    assert exported.stat().st_mtime_ns == stamp
+    assert list(cache_dir.glob("*.onnx")) == [exported]
+
+
+def test_other_weights_get_their_own_cache_entry(cache_dir: Path) -> None:
+    model = load_model("efficientnet_lite0")
+    with torch.no_grad():
+        next(model.module.parameters()).mul_(1.01)
+    assert onnx_backend.weights_digest(model.module) not in {
+        path.name.split("-")[1] for path in cache_dir.glob("*.onnx")
+    }
+
+
+def test_failed_export_falls_back_to_torch_with_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_export(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    with caplog.at_level(logging.WARNING):
+        classifier = Classifier(
+            load_model("efficientnet_lite0"), backend="onnxruntime", cache_dir=tmp_path
+        )
+    assert classifier.backend.name == "torch"
+    assert "unsupported operator" in (classifier.fallback_reason or "")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "serving with PyTorch" in warnings[0].getMessage()
+    assert not list(tmp_path.glob("*"))  # no half-written export left behind
+
+
+def test_diverging_outputs_fall_back_to_torch(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = onnx_backend.OnnxBackend.probabilities
+
+    def skewed(self: onnx_backend.OnnxBackend, pixels: np.ndarray) -> torch.Tensor:
+        probabilities = real(self, pixels)
+        return probabilities.roll(1, dims=1)
+
+    monkeypatch.setattr(onnx_backend.OnnxBackend, "probabilities", skewed)
+    classifier = Classifier(
+        load_model("efficientnet_lite0"), backend="onnxruntime", cache_dir=cache_dir
+    )
+    assert classifier.backend.name == "torch"
+    assert "differ" in (classifier.fallback_reason or "")
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ({1: 100.0, 2: 150.0, 4: 190.0, 8: 200.0, 16: 198.0, 32: 120.0}, 4),
+        ({1: 40.0, 2: 60.0, 4: 95.0, 8: 80.0, 16: 57.0, 32: 31.0}, 4),
+        ({1: 210.0, 2: 205.0, 4: 214.0, 8: 200.0}, 1),
+        ({1: 10.0, 2: 20.0, 4: 40.0, 8: 80.0, 16: 160.0}, 16),
+        ({1: 50.0}, 1),
+    ],
+)
+def test_auto_batch_size_is_the_smallest_within_95_percent_of_the_best(
+    table: dict[int, float], expected: int
+) -> None:
+    assert choose_batch_size(table) == expected
+
+
+def test_warmup_times_each_batch_size_and_reports_the_choice(onnx_classifier: Classifier) -> None:
+    report = onnx_classifier.warmup(8, tune=True)
+    assert set(report["images_per_second"]) == {1, 2, 4, 8}
+    assert report["batch_size"] == choose_batch_size(report["images_per_second"])
+    assert report["backend"] == "onnxruntime"
+
+
+def test_half_precision_needs_cuda() -> None:
+    with pytest.raises(ValueError, match="DTYPE=float16 needs DEVICE=cuda"):
+        Classifier(load_model("efficientnet_lite0"), device="cpu", dtype="float16")
