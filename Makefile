@@ -4,12 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test lint typecheck pytest docker-check clean
+.PHONY: help install install-dev install-bench run test lint typecheck pytest docker-check bench clean
 
 help:
 	@echo "make run    - create $(VENV) if needed, install what changed, serve on :5001"
 	@echo "make test   - lint, type-check and run the whole test suite"
 	@echo "make docker-check - replay the Dockerfile in a fresh virtualenv and serve one request"
+	@echo "make bench  - offline limits, five servers under load, overload; writes bench/results/"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,10 @@ $(VENV)/.runtime-installed: requirements.txt | $(PY)
 
 $(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.runtime-installed
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.runtime-installed
+	$(PY) -m pip install --quiet -r requirements-bench.txt
 	touch $@
 
 install: $(VENV)/.runtime-installed
@@ -41,6 +46,10 @@ pytest: install-dev
 	$(PY) -m pytest
 
 test: lint typecheck pytest
+
+# A benchmark, not a test: about five minutes, and the machine should be otherwise idle.
+bench: $(VENV)/.bench-installed
+	$(PY) bench/run.py
 
 # No Docker engine here: replay the Dockerfile's install steps and CMD instead.
 docker-check:

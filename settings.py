@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue_size: int = Field(256, ge=1)
     timeout: float = Field(2.0, gt=0, description="Seconds a request may wait before 504.")
+    shed_late_requests: bool = Field(
+        True, description="503 at once for requests the model could not answer within TIMEOUT."
+    )
     drain_timeout: float = Field(10.0, ge=0, description="Seconds to finish work at shutdown.")
     top_k: int = Field(5, ge=1, le=20)
 

@@ -51,7 +51,7 @@ REJECTED = Counter("batcher_items_rejected_total", "Submissions refused, by reas
 # Every reason is exported from the start, as 0, so rate() and alerts see the series.
 for _reason in ("expired", "cancelled"):
     DROPPED.labels(_reason)
-for _reason in ("queue_full", "closed"):
+for _reason in ("queue_full", "would_expire", "closed"):
     REJECTED.labels(_reason)
 
 

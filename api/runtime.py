@@ -70,6 +70,7 @@ class Runtime:
             name="classifier",
             observer=PrometheusObserver(),
             priorities=2,
+            shed_late=settings.shed_late_requests,
         )
         self.batcher.start()
         self._warmup_task = asyncio.create_task(self._warm_up(), name="warmup")
@@ -130,6 +131,7 @@ class Runtime:
             raise NotReady(self.readiness() or "not ready")
         assert self.batcher is not None
         deadline = None if bulk else asyncio.get_running_loop().time() + self.settings.timeout
+        self.batcher.admit(deadline)  # before decoding an image the model could not serve in time
         pixels = await self._decode(data, deadline)
         try:
             return await self.batcher.submit(

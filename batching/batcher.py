@@ -71,6 +71,7 @@ class MicroBatcher(Generic[In, Out]):
         name: str = "batcher",
         observer: BatcherObserver | None = None,
         priorities: int = 1,
+        shed_late: bool = True,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
@@ -96,6 +97,8 @@ class MicroBatcher(Generic[In, Out]):
         self._running: asyncio.Future[Sequence[Out | BaseException]] | None = None
         self._running_batch: list[_Pending[In, Out]] = []
         self._forming: list[_Pending[In, Out]] = []
+        self._seconds_per_item: float | None = None
+        self.shed_late = shed_late
 
     @property
     def accepting(self) -> bool:
@@ -137,6 +140,7 @@ class MicroBatcher(Generic[In, Out]):
                 self.stats.rejected_full += 1
                 self.observer.rejected("queue_full")
                 raise QueueFull(f"{self.name} queue is full ({self.max_queue_size} items)")
+        self.admit(deadline, priority)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Out] = loop.create_future()
         queue.append(_Pending(item, future, deadline, time.monotonic(), priority))
@@ -149,6 +153,29 @@ class MicroBatcher(Generic[In, Out]):
                 return await future
         except TimeoutError:
             raise DeadlineExceeded(f"no result from {self.name} before the deadline") from None
+
+    def admit(self, deadline: float | None, priority: int = 0) -> None:
+        """Raises QueueFull if an item due at ``deadline`` would not be answered in time
+        (see ``expected_wait``). ``submit`` checks this; a caller can check it earlier,
+        before costly preparation of the item."""
+        wait = self.expected_wait(priority)
+        if deadline is None or wait is None or not self.shed_late:
+            return
+        if asyncio.get_running_loop().time() + wait > deadline:
+            self.stats.rejected_late += 1
+            self.observer.rejected("would_expire")
+            raise QueueFull(f"{self.name} is about {wait:.2f} s behind, past this deadline")
+
+    def expected_wait(self, priority: int = 0) -> float | None:
+        """Seconds until a new item of ``priority`` would have its result, estimated from
+        recent batches; None before the first batch. Callers with a deadline are refused
+        up front when this exceeds it, so that under overload the model spends its time
+        on items that can still make their deadline instead of on ones that cannot."""
+        if self._seconds_per_item is None:
+            return None
+        ahead = sum(len(queue) for queue in self._queues[: priority + 1])
+        ahead += len(self._forming) + len(self._running_batch)
+        return (ahead + 1) * self._seconds_per_item
 
     async def stop(self, drain_timeout: float) -> None:
         """Stops accepting items, lets queued and running ones finish for up to
@@ -286,7 +313,13 @@ class MicroBatcher(Generic[In, Out]):
         self._running_batch = batch
 
         def finished(done: "asyncio.Future[Sequence[Out | BaseException]]") -> None:
-            self.observer.batch_done(queue_waits, time.monotonic() - started)
+            seconds = time.monotonic() - started
+            per_item = seconds / len(batch)
+            previous = self._seconds_per_item
+            self._seconds_per_item = (
+                per_item if previous is None else 0.8 * previous + 0.2 * per_item
+            )
+            self.observer.batch_done(queue_waits, seconds)
             self._resolve(batch, done)
 
         running.add_done_callback(finished)

@@ -20,4 +20,4 @@ class BatcherObserver:
         """An item was dropped before compute: ``expired`` or ``cancelled``."""
 
     def rejected(self, reason: str) -> None:
-        """A submission was refused: ``queue_full`` or ``closed``."""
+        """A submission was refused: ``queue_full``, ``would_expire`` or ``closed``."""

@@ -16,6 +16,7 @@ class BatcherStats:
     dropped_expired: int = 0
     dropped_cancelled: int = 0
     rejected_full: int = 0
+    rejected_late: int = 0
     rejected_closed: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)
 
@@ -33,6 +34,7 @@ class BatcherStats:
             "dropped_expired": self.dropped_expired,
             "dropped_cancelled": self.dropped_cancelled,
             "rejected_full": self.rejected_full,
+            "rejected_late": self.rejected_late,
             "rejected_closed": self.rejected_closed,
             "queue_depth": queue_depth,
             "mean_batch_size": round(self.items / self.batches, 3) if self.batches else 0.0,

@@ -413,3 +413,27 @@ async def test_interactive_item_displaces_bulk_from_a_batch_waiting_for_the_work
     assert model.batches[1] == [1, 100]
     assert sorted(model.seen[3:]) == [101, 102]
     await batcher.stop(drain_timeout=1)
+
+
+async def test_items_that_could_not_meet_their_deadline_are_refused_at_once() -> None:
+    model = FakeModel()
+    loop = asyncio.get_running_loop()
+    batcher = make_batcher(model, max_batch_size=1, delay_s=0)
+    assert batcher.expected_wait() is None  # nothing measured yet: everything is admitted
+    blocker = await computing(model, batcher)
+    await asyncio.sleep(0.2)
+    model.release()
+    await blocker  # one batch of one item took at least 0.2 s
+    blocker = await computing(model, batcher)
+    queued = [later(batcher, i) for i in (2, 3)]
+    await asyncio.sleep(0.05)
+    expected = batcher.expected_wait()
+    assert expected is not None
+    assert expected >= 0.5  # three items ahead of a new one, at >= 0.16 s each
+    with pytest.raises(QueueFull, match="behind"):
+        await batcher.submit(9, deadline=loop.time() + 0.1)
+    assert batcher.stats.rejected_late == 1
+    model.release()
+    assert await asyncio.gather(blocker, *queued) == [2, 4, 6]
+    assert 9 not in model.seen
+    await batcher.stop(drain_timeout=1)

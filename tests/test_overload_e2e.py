@@ -37,7 +37,8 @@ def stats(server: Server) -> dict[str, int]:
 async def test_late_requests_get_504_near_the_timeout_and_are_not_computed(
     tmp_path: Path,
 ) -> None:
-    env = {"TIMEOUT": "0.2", "MAX_QUEUE_SIZE": "1000"}
+    # Load shedding off: this test is about what happens to requests that wait too long.
+    env = {"TIMEOUT": "0.2", "MAX_QUEUE_SIZE": "1000", "SHED_LATE_REQUESTS": "false"}
     with running_server(env, tmp_path / "server.log") as server:
         before = stats(server)
         results = await flood(server, 96)
@@ -56,6 +57,25 @@ async def test_late_requests_get_504_near_the_timeout_and_are_not_computed(
             status, latency, _ = await timed_post(client)
         assert status == 200
         assert latency < 2.0
+
+
+async def test_overload_sheds_requests_it_could_not_answer_in_time(tmp_path: Path) -> None:
+    env = {"TIMEOUT": "0.5", "MAX_QUEUE_SIZE": "1000", "MAX_BATCH_SIZE": "4"}
+    with running_server(env, tmp_path / "server.log") as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            assert (await timed_post(client))[0] == 200  # the batcher learns its pace
+        results = await flood(server, 128)
+        statuses = [status for status, _, _ in results]
+        assert set(statuses) <= {200, 503, 504}, statuses
+        shed = [r for status, _, r in results if status == 503]
+        assert shed, statuses
+        assert "behind" in shed[0].json()["detail"]
+        assert shed[0].headers["retry-after"] == "1"
+        assert statuses.count(200) >= 8
+        # Shed requests are refused at once rather than after waiting out TIMEOUT.
+        shed_latency = sorted(latency for status, latency, _ in results if status == 503)
+        assert shed_latency[len(shed_latency) // 2] < 0.5, shed_latency
+        assert stats(server)["rejected_late"] == len(shed)
 
 
 async def test_full_queue_gives_503_with_retry_after_and_recovers(tmp_path: Path) -> None:
