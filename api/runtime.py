@@ -121,6 +121,13 @@ class Runtime:
             return "the model is loading and warming up"
         return None
 
+    def admit(self) -> None:
+        """Raises NotReady or QueueFull if a /cls request arriving now would not be served."""
+        if not self.warmed_up.is_set():
+            raise NotReady(self.readiness() or "not ready")
+        assert self.batcher is not None
+        self.batcher.admit(asyncio.get_running_loop().time() + self.settings.timeout)
+
     async def classify(self, data: bytes, top_k: int, *, bulk: bool = False) -> list[ClassScore]:
         """Decodes ``data`` and classifies it within TIMEOUT seconds.
 

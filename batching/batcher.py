@@ -98,6 +98,7 @@ class MicroBatcher(Generic[In, Out]):
         self._running_batch: list[_Pending[In, Out]] = []
         self._forming: list[_Pending[In, Out]] = []
         self._seconds_per_item: float | None = None
+        self._last_batch_size = 0
         self.shed_late = shed_late
 
     @property
@@ -161,7 +162,8 @@ class MicroBatcher(Generic[In, Out]):
         wait = self.expected_wait(priority)
         if deadline is None or wait is None or not self.shed_late:
             return
-        if asyncio.get_running_loop().time() + wait > deadline:
+        # A margin, since the estimate is an average and the deadline is a hard limit.
+        if asyncio.get_running_loop().time() + 1.2 * wait > deadline:
             self.stats.rejected_late += 1
             self.observer.rejected("would_expire")
             raise QueueFull(f"{self.name} is about {wait:.2f} s behind, past this deadline")
@@ -259,7 +261,14 @@ class MicroBatcher(Generic[In, Out]):
                 if not self._accepting:
                     return None
                 await self._sleep(busy=False, wait_s=None)
-        closes_at = loop.time() + self.max_batch_delay_s
+        # At low load batching must cost nothing: when the model is idle and the last batch
+        # held one item, nobody else is likely to come, so the batch goes at once.
+        delay = (
+            0.0
+            if self._last_batch_size == 1 and not self._worker_busy()
+            else self.max_batch_delay_s
+        )
+        closes_at = loop.time() + delay
         while len(batch) < self.max_batch_size:
             self._take_live(batch)
             if len(batch) >= self.max_batch_size:
@@ -305,6 +314,7 @@ class MicroBatcher(Generic[In, Out]):
 
     def _dispatch(self, batch: list[_Pending[In, Out]]) -> None:
         self.stats.record_batch(len(batch))
+        self._last_batch_size = len(batch)
         started = time.monotonic()
         queue_waits = [started - p.submitted_at for p in batch]
         inputs = [p.item for p in batch]

@@ -1,5 +1,6 @@
 """A small closed-loop HTTP/1.1 load generator: C keep-alive connections, each sending
-the next pre-built multipart /cls request as soon as the last one is answered.
+the next pre-built multipart /cls request as soon as the last one is answered (or, after
+a 503, once its Retry-After has passed).
 
     python bench/loadgen.py --port 5001 --concurrency 8 --duration 8 --images DIR
 
@@ -32,13 +33,13 @@ def build_request(path: str, port: int, image: bytes, name: str) -> bytes:
     return head.encode() + body
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """The status code, and whether the server will close the connection."""
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool, float]:
+    """The status code, whether the server will close the connection, and Retry-After."""
     status_line = await reader.readline()
     if not status_line:
         raise ConnectionError("closed")
     status = int(status_line.split()[1])
-    length, close = 0, False
+    length, close, retry_after = 0, False, 0.0
     while (line := await reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.partition(b":")
         name = name.strip().lower()
@@ -46,8 +47,10 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
             length = int(value)
         elif name == b"connection" and value.strip().lower() == b"close":
             close = True
+        elif name == b"retry-after":
+            retry_after = float(value)
     await reader.readexactly(length)
-    return status, close
+    return status, close, retry_after
 
 
 async def connection(
@@ -69,14 +72,17 @@ async def connection(
         writer.write(requests[sent % len(requests)])
         sent += 1
         try:
-            status, close = await asyncio.wait_for(read_response(reader), timeout=60)
+            status, close, retry_after = await asyncio.wait_for(read_response(reader), 60)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            status, close = 0, True
+            status, close, retry_after = 0, True, 0.0
         if started >= measure_from:
             samples.append((status, loop.time() - started))
         if close:
             writer.close()
             writer = None
+        if retry_after:
+            # A well-behaved client, like python -m client, waits as the server asks.
+            await asyncio.sleep(min(retry_after, max(0.0, stop_at - loop.time())))
     if writer is not None:
         writer.close()
 

@@ -437,3 +437,15 @@ async def test_items_that_could_not_meet_their_deadline_are_refused_at_once() ->
     assert await asyncio.gather(blocker, *queued) == [2, 4, 6]
     assert 9 not in model.seen
     await batcher.stop(drain_timeout=1)
+
+
+async def test_after_a_single_item_batch_an_idle_model_does_not_wait_for_company() -> None:
+    model = FakeModel()
+    loop = asyncio.get_running_loop()
+    batcher = make_batcher(model, max_batch_size=8, delay_s=0.5)
+    assert await batcher.submit(1) == 2  # the first batch waits out the delay: traffic unknown
+    started = loop.time()
+    assert await batcher.submit(2) == 4
+    assert loop.time() - started < 0.25
+    assert model.batches == [[1], [2]]
+    await batcher.stop(drain_timeout=1)

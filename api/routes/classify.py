@@ -55,6 +55,7 @@ async def classify(
     top_k: Annotated[int | None, Query(ge=1, le=20, description="Classes to return")] = None,
 ) -> Classification:
     """Classifies one image, sent as multipart `file` or as JSON `{"image": base64}`."""
+    runtime.admit()  # refuse an overload before spending time on the upload
     data = await read_image(request)
     k = top_k or runtime.settings.top_k
     scores = await cancel_on_disconnect(request, runtime.classify(data, k))
