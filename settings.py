@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     max_jobs: int = Field(100, ge=1, description="Jobs held at once, finished ones included.")
     job_ttl_s: float = Field(3600.0, gt=0, description="A finished job is kept this long.")
     job_concurrency: int = Field(
-        0, ge=0, description="Job items in flight at once; 0 means 2 x MAX_BATCH_SIZE."
+        0, ge=0, description="Job items in flight at once; 0: 4 on CPU, 2 batches on CUDA."
     )
     sse_heartbeat_s: float = Field(5.0, gt=0, description="Comment line interval on SSE.")
     max_image_pixels: int = Field(40_000_000, ge=1)
@@ -91,10 +91,6 @@ class Settings(BaseSettings):
     def batch_size_ceiling(self) -> int:
         """The largest batch the batcher may form before warm-up has chosen."""
         return self.max_batch_size_limit if self.max_batch_size == "auto" else self.max_batch_size
-
-    @property
-    def job_items_in_flight(self) -> int:
-        return self.job_concurrency or 2 * min(self.batch_size_ceiling, 8)
 
     @property
     def connection_grace_s(self) -> int:

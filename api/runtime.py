@@ -32,6 +32,7 @@ class Runtime:
         self.stopping = asyncio.Event()
         self.warmup_error: str | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
+        self._bulk_decode_pool: ThreadPoolExecutor | None = None
         self._decoding = 0
         self.decode_rejected_full = 0
         self._warmup_task: asyncio.Task[None] | None = None
@@ -39,7 +40,7 @@ class Runtime:
             InMemoryJobStore(settings.max_jobs, settings.job_ttl_s),
             self._classify_job_item,
             describe,
-            settings.job_items_in_flight,
+            settings.job_concurrency or 4,
         )
 
     async def start(self) -> None:
@@ -61,7 +62,12 @@ class Runtime:
             cache_dir=settings.model_cache_dir,
             threads=settings.intra_op_threads,
         )
+        if not settings.job_concurrency and self.classifier.device.type == "cuda":
+            # A GPU batch costs little more than one item: let job items fill big batches.
+            self.jobs.concurrency = 2 * settings.batch_size_ceiling
         self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        # Job images get one thread of their own, so /cls uploads never queue behind them.
+        self._bulk_decode_pool = ThreadPoolExecutor(1, thread_name_prefix="decode-bulk")
         self.batcher = MicroBatcher(
             self.classifier.predict,
             max_batch_size=settings.batch_size_ceiling,
@@ -108,8 +114,9 @@ class Runtime:
             await asyncio.wait([self._warmup_task])
         if self.batcher is not None:
             await self.batcher.stop(self.settings.drain_timeout)
-        if self._decode_pool is not None:
-            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._decode_pool, self._bulk_decode_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def readiness(self) -> str | None:
         """None when ready, otherwise why not."""
@@ -139,7 +146,8 @@ class Runtime:
         assert self.batcher is not None
         deadline = None if bulk else asyncio.get_running_loop().time() + self.settings.timeout
         self.batcher.admit(deadline)  # before decoding an image the model could not serve in time
-        pixels = await self._decode(data, deadline)
+        pool = self._bulk_decode_pool if bulk else self._decode_pool
+        pixels = await self._decode(data, deadline, pool)
         try:
             return await self.batcher.submit(
                 ClassifyInput(pixels, top_k), deadline=deadline, priority=1 if bulk else 0
@@ -153,7 +161,9 @@ class Runtime:
         scores = await self.classify(data, self.settings.top_k, bulk=True)
         return Classification.from_scores(scores).model_dump()
 
-    async def _decode(self, data: bytes, deadline: float | None) -> np.ndarray:
+    async def _decode(
+        self, data: bytes, deadline: float | None, pool: ThreadPoolExecutor | None
+    ) -> np.ndarray:
         assert self.classifier is not None
         if self._decoding >= self.settings.max_queue_size:
             self.decode_rejected_full += 1
@@ -163,7 +173,7 @@ class Runtime:
             prepare = partial(
                 self.classifier.prepare, data, max_pixels=self.settings.max_image_pixels
             )
-            pending = asyncio.get_running_loop().run_in_executor(self._decode_pool, prepare)
+            pending = asyncio.get_running_loop().run_in_executor(pool, prepare)
             async with asyncio.timeout_at(deadline):
                 return await pending
         except TimeoutError:

@@ -28,7 +28,8 @@ class JobRunner:
         self.store = store
         self.process_item = process_item
         self.describe_error = describe_error
-        self._slots = asyncio.Semaphore(concurrency)
+        self.concurrency = concurrency
+        self._slots: asyncio.Semaphore | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def submit(self, items: list[bytes | BaseException]) -> Job:
@@ -76,6 +77,8 @@ class JobRunner:
                     job.finish(JobStatus.SUCCEEDED)
 
     async def _run_item(self, job: Job, index: int, items: list[bytes | BaseException]) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.concurrency)
         async with self._slots:
             job.start()
             data, items[index] = items[index], b""  # free the upload as soon as it is used

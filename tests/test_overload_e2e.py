@@ -60,7 +60,7 @@ async def test_late_requests_get_504_near_the_timeout_and_are_not_computed(
 
 
 async def test_overload_sheds_requests_it_could_not_answer_in_time(tmp_path: Path) -> None:
-    env = {"TIMEOUT": "0.5", "MAX_QUEUE_SIZE": "1000", "MAX_BATCH_SIZE": "4"}
+    env = {"TIMEOUT": "1", "MAX_QUEUE_SIZE": "1000", "MAX_BATCH_SIZE": "4"}
     with running_server(env, tmp_path / "server.log") as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             assert (await timed_post(client))[0] == 200  # the batcher learns its pace
@@ -72,9 +72,9 @@ async def test_overload_sheds_requests_it_could_not_answer_in_time(tmp_path: Pat
         assert "behind" in shed[0].json()["detail"]
         assert shed[0].headers["retry-after"] == "1"
         assert statuses.count(200) >= 8
-        # Shed requests are refused at once rather than after waiting out TIMEOUT.
+        # Shed requests are refused up front rather than after waiting out TIMEOUT=1.
         shed_latency = sorted(latency for status, latency, _ in results if status == 503)
-        assert shed_latency[len(shed_latency) // 2] < 0.5, shed_latency
+        assert shed_latency[len(shed_latency) // 2] < 1.0, shed_latency
         assert stats(server)["rejected_late"] == len(shed)
 
 
