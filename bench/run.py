@@ -11,7 +11,6 @@ import datetime
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 from PIL import Image
 
@@ -31,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from classification import Classifier, ClassifyInput, load_model  # noqa: E402
 from classification.backend import seconds_per_batch  # noqa: E402
 from settings import Settings  # noqa: E402
+from tests.server import Server, free_port, stop, wait_ready  # noqa: E402
 
 PHOTOS = sorted((ROOT / "tests" / "data").glob("*.jpg"))
 LONG_SIDES = (320, 640, 1024, 1600, 2400)
@@ -108,41 +107,12 @@ def pipeline_rate(classifier: Classifier, data: list[bytes], batch: int, workers
     return len(blobs) / (time.perf_counter() - started)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def start(command: list[str], env: dict[str, str], port: int, log: Path) -> Server:
     with log.open("wb") as out:
         process = subprocess.Popen(
             command, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
         )
-    return process
-
-
-def wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server on {port} exited with {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"server on {port} never became ready")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    return Server(process, f"http://127.0.0.1:{port}", log)
 
 
 def load(port: int, concurrency: int, duration: float, images: Path) -> dict[str, Any]:
@@ -200,9 +170,9 @@ def servers(images: Path, logs: Path, duration: float) -> dict[str, list[dict[st
     for name, (command, env) in SERVERS.items():
         port = free_port()
         full_env = {"PORT": str(port), "LOG_LEVEL": "warning", **env}
-        process = start([*command, str(port)], full_env, logs / f"{slug(name)}.log")
+        server = start([*command, str(port)], full_env, port, logs / f"{slug(name)}.log")
         try:
-            wait_ready(port, process)
+            wait_ready(server, timeout=180)
             results[name] = []
             for concurrency in CONCURRENCY:
                 row = load(port, concurrency, duration, images)
@@ -213,19 +183,19 @@ def servers(images: Path, logs: Path, duration: float) -> dict[str, list[dict[st
                 )
                 results[name].append(row)
         finally:
-            stop(process)
+            stop(server)
     return results
 
 
 def overload(images: Path, logs: Path, duration: float) -> dict[str, Any]:
     port = free_port()
     env = {"PORT": str(port), "LOG_LEVEL": "warning", "TIMEOUT": "2"}
-    process = start([sys.executable, "main.py"], env, logs / "overload.log")
+    server = start([sys.executable, "main.py"], env, port, logs / "overload.log")
     try:
-        wait_ready(port, process)
+        wait_ready(server, timeout=180)
         row = load(port, 256, duration, images)
     finally:
-        stop(process)
+        stop(server)
     row["goodput_rps"] = row["throughput_rps"]
     return row
 

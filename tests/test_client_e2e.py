@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.images import PHOTOS, truncated_jpeg
-from tests.server import ROOT, Server
+from tests.server import ROOT, Server, running_server
 
 EXPECTED = {"chelsea": "Egyptian cat", "coffee": "espresso", "rocket": "missile"}
 
@@ -74,3 +75,25 @@ def test_client_exits_non_zero_and_summarises_a_corrupt_file(
     assert broken["error"]["status"] == 400
     assert "1 of 7 images failed" in result.stderr
     assert "broken.jpg" in result.stderr
+
+
+def test_client_retries_503_after_retry_after(folder: Path, tmp_path: Path) -> None:
+    env = {"MAX_QUEUE_SIZE": "1", "MAX_BATCH_SIZE": "1"}
+    with running_server(env, tmp_path / "server.log") as server:
+        out = tmp_path / "results.jsonl"
+        result = run_client(
+            str(folder),
+            "--url",
+            server.url,
+            "--mode",
+            "cls",
+            "--concurrency",
+            "6",
+            "--out",
+            str(out),
+        )
+        meta = httpx.get(f"{server.url}/metadata").json()
+    assert result.returncode == 0, result.stderr
+    assert len(read_jsonl(out)) == 6
+    refused = meta["stats"]["rejected_full"] + meta["decode"]["rejected_full"]
+    assert refused > 0, "no 503 was provoked, so no retry was tested"

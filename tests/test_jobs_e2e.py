@@ -96,6 +96,9 @@ def test_polling_sees_progress_to_100_percent_and_ordered_correct_results(
     assert final["progress"] == {"done": 8, "failed": 0, "total": 8}
     done = [state["progress"]["done"] for state in states]
     assert done == sorted(done)
+    # Results appear while the job runs: as many as the items done so far.
+    for state in states:
+        assert sum(r is not None for r in state["results"]) == state["progress"]["done"]
     assert final["created_at"] <= final["started_at"] <= final["finished_at"]
     labels = [result["prediction"]["label"] for result in final["results"]]
     assert labels == [EXPECTED[name] for name in ORDER]
@@ -257,9 +260,13 @@ def assert_default_backend_and_timed_batch_size(server: Server) -> None:
 
 
 def test_ttl_expiry_max_jobs_and_max_files(tmp_path: Path) -> None:
-    env = {"JOB_TTL_S": "1", "MAX_JOBS": "2", "MAX_JOB_FILES": "3"}
+    env = {"JOB_TTL_S": "1", "MAX_JOBS": "2", "MAX_JOB_FILES": "3", "MAX_JOB_BYTES": "400000"}
     with running_server(env, tmp_path / "server.log") as server:
         assert_default_backend_and_timed_batch_size(server)
+        huge = {"images": ["A" * 500_000]}
+        response = httpx.post(f"{server.url}/jobs", json=huge, timeout=30)
+        assert response.status_code == 413
+        assert "MAX_JOB_BYTES" in response.json()["detail"]
         too_many = [("files", (f"{i}.jpg", photo_bytes("coffee"))) for i in range(4)]
         response = httpx.post(f"{server.url}/jobs", files=too_many, timeout=30)
         assert response.status_code == 413
