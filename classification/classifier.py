@@ -159,8 +159,11 @@ class Classifier:
             report["memory_format_ms"] = self._choose_memory_format(min(max_batch_size, 4))
         shapes = sorted({*(2**i for i in range(max_batch_size.bit_length())), max_batch_size})
         if tune:
-            rates = {size: size / seconds_per_batch(self.backend, size) for size in shapes}
-            report["images_per_second"] = {size: round(rate, 1) for size, rate in rates.items()}
+            # Decided on the rounded table, so the choice always follows from what is shown.
+            rates = {
+                size: round(size / seconds_per_batch(self.backend, size), 1) for size in shapes
+            }
+            report["images_per_second"] = rates
             report["batch_size"] = choose_batch_size(rates)
         else:
             size = self.preprocess.crop_size
