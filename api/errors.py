@@ -25,7 +25,7 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (ImageTooLarge, 413, "; send a smaller image"),
     (UnsupportedImage, 415, ""),
     (BadImage, 400, "; check that the file is a complete image"),
-    (QueueFull, 503, f"; the server is at capacity, retry in {RETRY_AFTER_S} s"),
+    (QueueFull, 503, "; the server is at capacity, retry after the Retry-After seconds"),
     (
         StoreFull,
         503,
@@ -47,9 +47,10 @@ def describe(exc: BaseException) -> dict[str, int | str]:
 
 
 def _handler(status: int, advice: str) -> Callable[[Request, Exception], Awaitable[Response]]:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
-
     async def handle(request: Request, exc: Exception) -> Response:
+        headers = None
+        if status == 503:
+            headers = {"Retry-After": str(getattr(exc, "retry_after", RETRY_AFTER_S))}
         return JSONResponse({"detail": f"{exc}{advice}"}, status, headers=headers)
 
     return handle

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -34,6 +35,8 @@ class Runtime:
         self._decode_pool: ThreadPoolExecutor | None = None
         self._bulk_decode_pool: ThreadPoolExecutor | None = None
         self._decoding = 0
+        self._decoding_interactive = 0
+        self._decode_seconds: float | None = None
         self.decode_rejected_full = 0
         self._warmup_task: asyncio.Task[None] | None = None
         self.jobs = JobRunner(
@@ -132,8 +135,19 @@ class Runtime:
         """Raises NotReady or QueueFull if a /cls request arriving now would not be served."""
         if not self.warmed_up.is_set():
             raise NotReady(self.readiness() or "not ready")
+        self._admit(asyncio.get_running_loop().time() + self.settings.timeout)
+
+    def _admit(self, deadline: float | None) -> None:
+        """Refuses a request whose image could not be decoded and computed by ``deadline``:
+        the wait for the decode threads counts as much as the wait for the model."""
         assert self.batcher is not None
-        self.batcher.admit(asyncio.get_running_loop().time() + self.settings.timeout)
+        if deadline is None:
+            return
+        decode_wait = 0.0
+        if self._decode_seconds is not None:
+            waiting = self._decoding_interactive + 1
+            decode_wait = waiting * self._decode_seconds / self.settings.decode_workers
+        self.batcher.admit(deadline - decode_wait)
 
     async def classify(self, data: bytes, top_k: int, *, bulk: bool = False) -> list[ClassScore]:
         """Decodes ``data`` and classifies it within TIMEOUT seconds.
@@ -145,9 +159,8 @@ class Runtime:
             raise NotReady(self.readiness() or "not ready")
         assert self.batcher is not None
         deadline = None if bulk else asyncio.get_running_loop().time() + self.settings.timeout
-        self.batcher.admit(deadline)  # before decoding an image the model could not serve in time
-        pool = self._bulk_decode_pool if bulk else self._decode_pool
-        pixels = await self._decode(data, deadline, pool)
+        self._admit(deadline)  # before decoding an image the model could not serve in time
+        pixels = await self._decode(data, deadline, bulk)
         try:
             return await self.batcher.submit(
                 ClassifyInput(pixels, top_k), deadline=deadline, priority=1 if bulk else 0
@@ -161,25 +174,34 @@ class Runtime:
         scores = await self.classify(data, self.settings.top_k, bulk=True)
         return Classification.from_scores(scores).model_dump()
 
-    async def _decode(
-        self, data: bytes, deadline: float | None, pool: ThreadPoolExecutor | None
-    ) -> np.ndarray:
+    async def _decode(self, data: bytes, deadline: float | None, bulk: bool) -> np.ndarray:
         assert self.classifier is not None
         if self._decoding >= self.settings.max_queue_size:
             self.decode_rejected_full += 1
             raise QueueFull("too many uploads are waiting to be decoded")
+        interactive = 0 if bulk else 1
         self._decoding += 1
+        self._decoding_interactive += interactive
         try:
-            prepare = partial(
-                self.classifier.prepare, data, max_pixels=self.settings.max_image_pixels
-            )
+            prepare = partial(self._timed_prepare, data)
+            pool = self._bulk_decode_pool if bulk else self._decode_pool
             pending = asyncio.get_running_loop().run_in_executor(pool, prepare)
             async with asyncio.timeout_at(deadline):
-                return await pending
+                pixels, seconds = await pending
         except TimeoutError:
             raise DeadlineExceeded("timed out while decoding the image") from None
         finally:
             self._decoding -= 1
+            self._decoding_interactive -= interactive
+        previous = self._decode_seconds
+        self._decode_seconds = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+        return pixels
+
+    def _timed_prepare(self, data: bytes) -> tuple[np.ndarray, float]:
+        assert self.classifier is not None
+        started = time.perf_counter()
+        pixels = self.classifier.prepare(data, max_pixels=self.settings.max_image_pixels)
+        return pixels, time.perf_counter() - started
 
     def metadata(self) -> dict[str, Any]:
         settings = self.settings

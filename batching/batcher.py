@@ -7,6 +7,7 @@ dedicated worker thread so the event loop keeps serving while a batch computes.
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -166,7 +167,11 @@ class MicroBatcher(Generic[In, Out]):
         if asyncio.get_running_loop().time() + 1.2 * wait > deadline:
             self.stats.rejected_late += 1
             self.observer.rejected("would_expire")
-            raise QueueFull(f"{self.name} is about {wait:.2f} s behind, past this deadline")
+            # Suggest coming back once the present backlog has been worked off.
+            raise QueueFull(
+                f"{self.name} is about {wait:.2f} s behind, past this deadline",
+                retry_after=max(1, math.ceil(wait)),
+            )
 
     def expected_wait(self, priority: int = 0) -> float | None:
         """Seconds until a new item of ``priority`` would have its result, estimated from

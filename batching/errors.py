@@ -6,7 +6,12 @@ class BatcherError(Exception):
 
 
 class QueueFull(BatcherError):
-    """The queue already holds ``max_queue_size`` items; try again later."""
+    """No room for the item now: the queue is full, or the backlog is too long for its
+    deadline. ``retry_after`` is a suggested wait in whole seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class BatcherClosed(BatcherError):

@@ -70,7 +70,8 @@ async def test_overload_sheds_requests_it_could_not_answer_in_time(tmp_path: Pat
         shed = [r for status, _, r in results if status == 503]
         assert shed, statuses
         assert "behind" in shed[0].json()["detail"]
-        assert shed[0].headers["retry-after"] == "1"
+        # Retry-After grows with the backlog, so clients back off in proportion.
+        assert all(int(r.headers["retry-after"]) >= 1 for r in shed)
         assert statuses.count(200) >= 8
         # Shed requests are refused up front rather than after waiting out TIMEOUT=1.
         shed_latency = sorted(latency for status, latency, _ in results if status == 503)
