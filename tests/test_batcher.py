@@ -51,7 +51,12 @@ class FakeModel:
 
 
 def make_batcher(
-    fn: object, *, max_batch_size: int = 4, delay_s: float = 0.05, queue: int = 64
+    fn: object,
+    *,
+    max_batch_size: int = 4,
+    delay_s: float = 0.05,
+    queue: int = 64,
+    priorities: int = 1,
 ) -> MicroBatcher[int, int]:
     batcher: MicroBatcher[int, int] = MicroBatcher(
         fn,  # type: ignore[arg-type]
@@ -59,6 +64,7 @@ def make_batcher(
         max_batch_delay_s=delay_s,
         max_queue_size=queue,
         name="test-batcher",
+        priorities=priorities,
     )
     batcher.start()
     return batcher
@@ -355,10 +361,7 @@ async def test_observer_sees_batches_drops_and_rejections() -> None:
 
 async def test_interactive_items_go_first_and_bulk_items_fill_spare_capacity() -> None:
     model = FakeModel()
-    batcher: MicroBatcher[int, int] = MicroBatcher(
-        model, max_batch_size=4, max_batch_delay_s=0.01, max_queue_size=16, priorities=2
-    )
-    batcher.start()
+    batcher = make_batcher(model, max_batch_size=4, delay_s=0.01, queue=16, priorities=2)
     blocker = await computing(model, batcher, item=0)
     bulk = [asyncio.create_task(batcher.submit(i, priority=1)) for i in range(100, 106)]
     await asyncio.sleep(0)
@@ -377,10 +380,7 @@ async def test_interactive_items_go_first_and_bulk_items_fill_spare_capacity() -
 
 async def test_each_priority_class_has_its_own_queue_bound() -> None:
     model = FakeModel()
-    batcher: MicroBatcher[int, int] = MicroBatcher(
-        model, max_batch_size=1, max_batch_delay_s=0, max_queue_size=2, priorities=2
-    )
-    batcher.start()
+    batcher = make_batcher(model, max_batch_size=1, delay_s=0, queue=2, priorities=2)
     blocker = await computing(model, batcher)
     bulk = [asyncio.create_task(batcher.submit(10, priority=1))]
     await asyncio.sleep(0.05)  # the loop takes 10 as the next batch; 11 and 12 fill the queue
@@ -398,10 +398,7 @@ async def test_each_priority_class_has_its_own_queue_bound() -> None:
 
 async def test_interactive_item_displaces_bulk_from_a_batch_waiting_for_the_worker() -> None:
     model = FakeModel()
-    batcher: MicroBatcher[int, int] = MicroBatcher(
-        model, max_batch_size=2, max_batch_delay_s=0, max_queue_size=16, priorities=2
-    )
-    batcher.start()
+    batcher = make_batcher(model, max_batch_size=2, delay_s=0, queue=16, priorities=2)
     blocker = await computing(model, batcher, item=0)
     bulk = [asyncio.create_task(batcher.submit(i, priority=1)) for i in (100, 101, 102)]
     await asyncio.sleep(0.05)  # the next batch, [100, 101], is formed and waits
