@@ -14,7 +14,7 @@ from api.errors import describe
 from api.exceptions import InferenceFailed, NotReady
 from api.metrics import PrometheusObserver
 from api.schemas import Classification
-from batching import BatcherError, DeadlineExceeded, MicroBatcher, QueueFull
+from batching import BatcherError, DeadlineExceeded, MicroBatcher, QueueFull, RunningMean
 from classification import Classifier, ClassifyInput, ClassScore, load_model
 from jobs import InMemoryJobStore, JobRunner
 from settings import Settings
@@ -36,7 +36,7 @@ class Runtime:
         self._bulk_decode_pool: ThreadPoolExecutor | None = None
         self._decoding = 0
         self._decoding_interactive = 0
-        self._decode_seconds: float | None = None
+        self._decode_seconds = RunningMean()
         self.decode_rejected_full = 0
         self._warmup_task: asyncio.Task[None] | None = None
         self.jobs = JobRunner(
@@ -131,10 +131,14 @@ class Runtime:
             return "the model is loading and warming up"
         return None
 
-    def admit(self) -> None:
-        """Raises NotReady or QueueFull if a /cls request arriving now would not be served."""
+    def require_warm(self) -> None:
+        """Raises NotReady until the model is loaded and warm."""
         if not self.warmed_up.is_set():
             raise NotReady(self.readiness() or "not ready")
+
+    def admit(self) -> None:
+        """Raises NotReady or QueueFull if a /cls request arriving now would not be served."""
+        self.require_warm()
         self._admit(asyncio.get_running_loop().time() + self.settings.timeout)
 
     def _admit(self, deadline: float | None) -> None:
@@ -144,9 +148,9 @@ class Runtime:
         if deadline is None:
             return
         decode_wait = 0.0
-        if self._decode_seconds is not None:
+        if (per_image := self._decode_seconds.value) is not None:
             waiting = self._decoding_interactive + 1
-            decode_wait = waiting * self._decode_seconds / self.settings.decode_workers
+            decode_wait = waiting * per_image / self.settings.decode_workers
         self.batcher.admit(deadline - decode_wait)
 
     async def classify(self, data: bytes, top_k: int, *, bulk: bool = False) -> list[ClassScore]:
@@ -155,8 +159,7 @@ class Runtime:
         ``bulk`` items (job work) have no deadline and only fill the capacity that
         interactive requests leave.
         """
-        if not self.warmed_up.is_set():
-            raise NotReady(self.readiness() or "not ready")
+        self.require_warm()
         assert self.batcher is not None
         deadline = None if bulk else asyncio.get_running_loop().time() + self.settings.timeout
         self._admit(deadline)  # before decoding an image the model could not serve in time
@@ -193,8 +196,7 @@ class Runtime:
         finally:
             self._decoding -= 1
             self._decoding_interactive -= interactive
-        previous = self._decode_seconds
-        self._decode_seconds = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+        self._decode_seconds.add(seconds)
         return pixels
 
     def _timed_prepare(self, data: bytes) -> tuple[np.ndarray, float]:

@@ -20,9 +20,20 @@ HOW_TO_SEND = (
 )
 
 
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def _json_body(request: Request, how_to_send: str) -> object:
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPException(400, f"the body is not valid JSON: {how_to_send}") from None
+
+
 async def read_image(request: Request) -> bytes:
     """The raw image bytes of a /cls request. Raises HTTPException for a malformed request."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media_type = _media_type(request)
     if media_type == "multipart/form-data":
         return await _read_multipart(request)
     if media_type == "application/json":
@@ -43,10 +54,7 @@ async def _read_multipart(request: Request) -> bytes:
 
 
 async def _read_json(request: Request) -> bytes:
-    try:
-        payload = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise HTTPException(400, f"the body is not valid JSON: {HOW_TO_SEND}") from None
+    payload = await _json_body(request, HOW_TO_SEND)
     image = payload.get("image") if isinstance(payload, dict) else None
     if not isinstance(image, str):
         raise HTTPException(422, f"JSON field 'image' (a base64 string) is missing: {HOW_TO_SEND}")
@@ -68,7 +76,7 @@ def decode_base64(text: str) -> bytes:
 async def read_job_images(request: Request, max_files: int) -> list[bytes | BaseException]:
     """The images of a POST /jobs, in order. An unreadable one becomes that item's error
     rather than failing the request; too many are refused with 413."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media_type = _media_type(request)
     if media_type == "multipart/form-data":
         items = await _read_job_multipart(request, max_files)
     elif media_type == "application/json":
@@ -112,12 +120,7 @@ async def _read_job_multipart(request: Request, max_files: int) -> list[bytes | 
 
 
 async def _read_job_json(request: Request) -> list[bytes | BaseException]:
-    try:
-        payload = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise HTTPException(
-            400, 'the body is not valid JSON: send {"images": ["<base64>", ...]}'
-        ) from None
+    payload = await _json_body(request, 'send {"images": ["<base64>", ...]}')
     images = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(images, list):
         raise HTTPException(422, 'JSON field "images" (a list of base64 strings) is missing')

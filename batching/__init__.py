@@ -9,7 +9,7 @@ from batching.errors import (
     QueueFull,
 )
 from batching.observer import BatcherObserver
-from batching.stats import BatcherStats
+from batching.stats import BatcherStats, RunningMean
 
 __all__ = [
     "BatchFn",
@@ -21,4 +21,5 @@ __all__ = [
     "DeadlineExceeded",
     "MicroBatcher",
     "QueueFull",
+    "RunningMean",
 ]

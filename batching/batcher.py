@@ -23,7 +23,7 @@ from batching.errors import (
     QueueFull,
 )
 from batching.observer import BatcherObserver
-from batching.stats import BatcherStats
+from batching.stats import BatcherStats, RunningMean
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class MicroBatcher(Generic[In, Out]):
         self._running: asyncio.Future[Sequence[Out | BaseException]] | None = None
         self._running_batch: list[_Pending[In, Out]] = []
         self._forming: list[_Pending[In, Out]] = []
-        self._seconds_per_item: float | None = None
+        self._seconds_per_item = RunningMean()
         self._last_batch_size = 0
         self.shed_late = shed_late
 
@@ -178,11 +178,12 @@ class MicroBatcher(Generic[In, Out]):
         recent batches; None before the first batch. Callers with a deadline are refused
         up front when this exceeds it, so that under overload the model spends its time
         on items that can still make their deadline instead of on ones that cannot."""
-        if self._seconds_per_item is None:
+        per_item = self._seconds_per_item.value
+        if per_item is None:
             return None
         ahead = sum(len(queue) for queue in self._queues[: priority + 1])
         ahead += len(self._forming) + len(self._running_batch)
-        return (ahead + 1) * self._seconds_per_item
+        return (ahead + 1) * per_item
 
     async def stop(self, drain_timeout: float) -> None:
         """Stops accepting items, lets queued and running ones finish for up to
@@ -329,11 +330,7 @@ class MicroBatcher(Generic[In, Out]):
 
         def finished(done: "asyncio.Future[Sequence[Out | BaseException]]") -> None:
             seconds = time.monotonic() - started
-            per_item = seconds / len(batch)
-            previous = self._seconds_per_item
-            self._seconds_per_item = (
-                per_item if previous is None else 0.8 * previous + 0.2 * per_item
-            )
+            self._seconds_per_item.add(seconds / len(batch))
             self.observer.batch_done(queue_waits, seconds)
             self._resolve(batch, done)
 

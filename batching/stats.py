@@ -5,6 +5,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class RunningMean:
+    """An exponentially weighted mean: recent samples count most. None until a sample."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.value: float | None = None
+
+    def add(self, sample: float) -> None:
+        previous = self.value
+        self.value = sample if previous is None else previous + self.weight * (sample - previous)
+
+
 @dataclass
 class BatcherStats:
     """Running totals since the batcher started. Mutated only on the event loop."""

@@ -24,8 +24,9 @@ def _job(runtime: RuntimeDep, job_id: str) -> Job:
 @router.post("", status_code=202)
 async def submit(request: Request, runtime: RuntimeDep) -> JSONResponse:
     """Queues many images as one job: multipart `files` parts, or JSON `{"images": [...]}`."""
-    if not runtime.warmed_up.is_set() or runtime.stopping.is_set():
-        raise NotReady(runtime.readiness() or "not ready")
+    runtime.require_warm()
+    if runtime.stopping.is_set():
+        raise NotReady("the server is shutting down")
     items = await read_job_images(request, runtime.settings.max_job_files)
     job = runtime.jobs.submit(items)
     body = {"job_id": job.id, "status": job.status.value, "total": job.total}
