@@ -63,7 +63,8 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> Image.Image:
         if image.format in ("JPEG", "MPO"):
             image.draft(None, (min_side, min_side))
         image.load()
-        return _to_rgb(ImageOps.exif_transpose(image))
+        ImageOps.exif_transpose(image, in_place=True)  # not a copy of every upright image
+        return _to_rgb(image)
     except _CORRUPT_IMAGE_ERRORS as exc:
         raise BadImage(f"corrupt or truncated {image.format} image: {exc}") from None
 
