@@ -77,15 +77,26 @@ class Settings(BaseSettings):
     sse_heartbeat_s: float = Field(5.0, gt=0, description="Comment line interval on SSE.")
     max_image_pixels: int = Field(40_000_000, ge=1)
     decode_workers: int = Field(
-        default_factory=lambda: min(4, os.cpu_count() or 1),
-        ge=1,
-        description="Threads that decode and resize uploads.",
+        0, ge=0, description="Threads that decode and resize uploads; 0: from the cores."
     )
 
     @property
+    def cores_per_worker(self) -> int:
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+    @property
     def intra_op_threads(self) -> int:
-        """Torch threads per worker, so that WORKERS workers share the cores."""
-        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
+        """Model threads per worker, so that WORKERS workers share the cores."""
+        return self.torch_threads or self.cores_per_worker
+
+    def decode_threads(self, device_type: str) -> int:
+        """DECODE_WORKERS, or by default half of a worker's cores on the CPU, where the
+        model computes on the same cores (a quarter of its work is decoding), and all of
+        them beside a GPU."""
+        if self.decode_workers:
+            return self.decode_workers
+        cores = self.cores_per_worker
+        return cores if device_type == "cuda" else max(1, cores // 2)
 
     @property
     def batch_size_ceiling(self) -> int:

@@ -7,7 +7,8 @@ from fastapi import Depends, Request
 from api.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async: FastAPI would run a plain def in a worker thread, a thread hop per request.
     runtime: Runtime = request.app.state.runtime
     return runtime
 

@@ -33,6 +33,7 @@ class Runtime:
         self.stopping = asyncio.Event()
         self.warmup_error: str | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
+        self.decode_workers = settings.decode_workers  # resolved once the device is known
         self._bulk_decode_pool: ThreadPoolExecutor | None = None
         self._decoding = 0
         self._decoding_interactive = 0
@@ -68,7 +69,8 @@ class Runtime:
         if not settings.job_concurrency and self.classifier.device.type == "cuda":
             # A GPU batch costs little more than one item: let job items fill big batches.
             self.jobs.concurrency = 2 * settings.batch_size_ceiling
-        self._decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        self.decode_workers = settings.decode_threads(self.classifier.device.type)
+        self._decode_pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")
         # Job images get one thread of their own, so /cls uploads never queue behind them.
         self._bulk_decode_pool = ThreadPoolExecutor(1, thread_name_prefix="decode-bulk")
         self.batcher = MicroBatcher(
@@ -150,7 +152,7 @@ class Runtime:
         decode_wait = 0.0
         if (per_image := self._decode_seconds.value) is not None:
             waiting = self._decoding_interactive + 1
-            decode_wait = waiting * per_image / self.settings.decode_workers
+            decode_wait = waiting * per_image / self.decode_workers
         self.batcher.admit(deadline - decode_wait)
 
     async def classify(self, data: bytes, top_k: int, *, bulk: bool = False) -> list[ClassScore]:
@@ -220,7 +222,7 @@ class Runtime:
             },
             "stats": batcher.stats.as_dict(batcher.queue_depth) if batcher else None,
             "decode": {
-                "workers": settings.decode_workers,
+                "workers": self.decode_workers,
                 "in_flight": self._decoding,
                 "rejected_full": self.decode_rejected_full,
             },

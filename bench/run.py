@@ -80,7 +80,7 @@ def offline(images: list[Path]) -> dict[str, Any]:
         }
         best = max(rates, key=lambda size: rates[size])
         single_ms = 1000 / rates[1]
-        pipeline = pipeline_rate(classifier, data, best, settings.decode_workers)
+        pipeline = pipeline_rate(classifier, data, best, settings.decode_threads("cpu"))
         result["backends"][name] = {
             "images_per_second": rates,
             "best_batch_size": best,

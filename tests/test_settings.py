@@ -41,3 +41,16 @@ def test_invalid_value_names_the_variable_and_value(
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=f"{name}='{value}'"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers", "device", "expected"),
+    [(2, 1, "cpu", 1), (16, 1, "cpu", 8), (16, 2, "cpu", 4), (1, 1, "cpu", 1), (16, 2, "cuda", 8)],
+)
+def test_decode_threads_leave_the_cpu_model_its_cores(
+    monkeypatch: pytest.MonkeyPatch, cores: int, workers: int, device: str, expected: int
+) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    settings = Settings(workers=workers)
+    assert settings.decode_threads(device) == expected
+    assert Settings(workers=workers, decode_workers=3).decode_threads(device) == 3
