@@ -145,15 +145,16 @@ class Runtime:
 
     def _admit(self, deadline: float | None) -> None:
         """Refuses a request whose image could not be decoded and computed by ``deadline``:
-        the wait for the decode threads counts as much as the wait for the model."""
+        the wait for the decode threads counts as much as the wait for the model, and the
+        images being decoded now will reach the model first."""
         assert self.batcher is not None
         if deadline is None:
             return
+        decoding = self._decoding_interactive
         decode_wait = 0.0
         if (per_image := self._decode_seconds.value) is not None:
-            waiting = self._decoding_interactive + 1
-            decode_wait = waiting * per_image / self.decode_workers
-        self.batcher.admit(deadline - decode_wait)
+            decode_wait = (decoding + 1) * per_image / self.decode_workers
+        self.batcher.admit(deadline - decode_wait, coming=decoding)
 
     async def classify(self, data: bytes, top_k: int, *, bulk: bool = False) -> list[ClassScore]:
         """Decodes ``data`` and classifies it within TIMEOUT seconds.
@@ -168,7 +169,10 @@ class Runtime:
         pixels = await self._decode(data, deadline, bulk)
         try:
             return await self.batcher.submit(
-                ClassifyInput(pixels, top_k), deadline=deadline, priority=1 if bulk else 0
+                ClassifyInput(pixels, top_k),
+                deadline=deadline,
+                priority=1 if bulk else 0,
+                admitted=True,
             )
         except BatcherError:
             raise

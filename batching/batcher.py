@@ -119,7 +119,14 @@ class MicroBatcher(Generic[In, Out]):
         self._loop_task = asyncio.create_task(self._run(), name=f"{self.name}-loop")
         self._loop_task.add_done_callback(self._on_loop_done)
 
-    async def submit(self, item: In, *, deadline: float | None = None, priority: int = 0) -> Out:
+    async def submit(
+        self,
+        item: In,
+        *,
+        deadline: float | None = None,
+        priority: int = 0,
+        admitted: bool = False,
+    ) -> Out:
         """Queues ``item`` and returns its result.
 
         Items of a lower ``priority`` number always go into batches first; higher numbers
@@ -129,6 +136,10 @@ class MicroBatcher(Generic[In, Out]):
         Raises ``QueueFull`` or ``BatcherClosed`` at once when the item cannot be queued,
         ``DeadlineExceeded`` when the deadline passes first, and whatever the batch
         function returned or raised for this item.
+
+        An ``admitted`` item passed ``admit`` before the caller prepared it, counted
+        there among the items coming, so it is not refused as late a second time: that
+        would throw away the preparation. It still fails if its deadline passes.
         """
         self.stats.requests += 1
         if not self._accepting:
@@ -142,7 +153,8 @@ class MicroBatcher(Generic[In, Out]):
                 self.stats.rejected_full += 1
                 self.observer.rejected("queue_full")
                 raise QueueFull(f"{self.name} queue is full ({self.max_queue_size} items)")
-        self.admit(deadline, priority)
+        if not admitted:
+            self.admit(deadline, priority)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Out] = loop.create_future()
         queue.append(_Pending(item, future, deadline, time.monotonic(), priority))
@@ -156,11 +168,12 @@ class MicroBatcher(Generic[In, Out]):
         except TimeoutError:
             raise DeadlineExceeded(f"no result from {self.name} before the deadline") from None
 
-    def admit(self, deadline: float | None, priority: int = 0) -> None:
+    def admit(self, deadline: float | None, priority: int = 0, *, coming: int = 0) -> None:
         """Raises QueueFull if an item due at ``deadline`` would not be answered in time
         (see ``expected_wait``). ``submit`` checks this; a caller can check it earlier,
-        before costly preparation of the item."""
-        wait = self.expected_wait(priority)
+        before costly preparation of the item, counting as ``coming`` the items it has
+        already let through that will be submitted ahead of this one."""
+        wait = self.expected_wait(priority, coming=coming)
         if deadline is None or wait is None or not self.shed_late:
             return
         # A margin, since the estimate is an average and the deadline is a hard limit.
@@ -173,16 +186,17 @@ class MicroBatcher(Generic[In, Out]):
                 retry_after=max(1, math.ceil(wait)),
             )
 
-    def expected_wait(self, priority: int = 0) -> float | None:
+    def expected_wait(self, priority: int = 0, *, coming: int = 0) -> float | None:
         """Seconds until a new item of ``priority`` would have its result, estimated from
-        recent batches; None before the first batch. Callers with a deadline are refused
-        up front when this exceeds it, so that under overload the model spends its time
-        on items that can still make their deadline instead of on ones that cannot."""
+        recent batches, with ``coming`` more items queued ahead of it; None before the
+        first batch. Callers with a deadline are refused up front when this exceeds it,
+        so that under overload the model spends its time on items that can still make
+        their deadline instead of on ones that cannot."""
         per_item = self._seconds_per_item.value
         if per_item is None:
             return None
         ahead = sum(len(queue) for queue in self._queues[: priority + 1])
-        ahead += len(self._forming) + len(self._running_batch)
+        ahead += len(self._forming) + len(self._running_batch) + coming
         return (ahead + 1) * per_item
 
     async def stop(self, drain_timeout: float) -> None:

@@ -74,10 +74,8 @@ def offline(images: list[Path]) -> dict[str, Any]:
     for name, classifier in classifiers.items():
         if name == "torch":
             classifier.warmup(4)  # picks the faster memory layout, as the server does
-        rates = {
-            size: round(size / seconds_per_batch(classifier.backend, size, repeats=3), 1)
-            for size in BATCH_SIZES
-        }
+        seconds = seconds_per_batch(classifier.backend, BATCH_SIZES)
+        rates = {size: round(size / seconds[size], 1) for size in BATCH_SIZES}
         best = max(rates, key=lambda size: rates[size])
         single_ms = 1000 / rates[1]
         pipeline = pipeline_rate(classifier, data, best, settings.decode_threads("cpu"))

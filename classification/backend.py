@@ -4,6 +4,7 @@ PyTorch eager is the only backend today; the seam is ``Backend``.
 """
 
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -78,17 +79,24 @@ class TorchBackend:
         return probabilities
 
 
-def seconds_per_batch(backend: Backend, batch_size: int, repeats: int = 2) -> float:
-    """Best-of-``repeats`` wall time of one forward pass on a random batch, after one
-    untimed pass (which also warms up that batch shape)."""
+def seconds_per_batch(
+    backend: Backend, batch_sizes: Sequence[int], rounds: int = 5
+) -> dict[int, float]:
+    """Best-of-``rounds`` wall time of one forward pass per batch size, on random pixels,
+    after one untimed pass per size (which also warms up that shape). Each round times
+    every size once, so a burst of load from elsewhere slows all sizes alike rather than
+    skewing the comparison between them."""
     size = backend.preprocess.crop_size
-    pixels = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
-    backend.probabilities(pixels)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
+    rng = np.random.default_rng(0)
+    batches = {n: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) for n in batch_sizes}
+    for pixels in batches.values():
         backend.probabilities(pixels)
-        if backend.device.type == "cuda":
-            torch.cuda.synchronize(backend.device)
-        best = min(best, time.perf_counter() - started)
+    best = dict.fromkeys(batches, float("inf"))
+    for _ in range(rounds):
+        for n, pixels in batches.items():
+            started = time.perf_counter()
+            backend.probabilities(pixels)
+            if backend.device.type == "cuda":
+                torch.cuda.synchronize(backend.device)
+            best[n] = min(best[n], time.perf_counter() - started)
     return best

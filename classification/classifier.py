@@ -160,9 +160,8 @@ class Classifier:
         shapes = sorted({*(2**i for i in range(max_batch_size.bit_length())), max_batch_size})
         if tune:
             # Decided on the rounded table, so the choice always follows from what is shown.
-            rates = {
-                size: round(size / seconds_per_batch(self.backend, size), 1) for size in shapes
-            }
+            seconds = seconds_per_batch(self.backend, shapes)
+            rates = {size: round(size / seconds[size], 1) for size in shapes}
             report["images_per_second"] = rates
             report["batch_size"] = choose_batch_size(rates)
         else:
@@ -181,7 +180,7 @@ class Classifier:
         timings = {}
         for enabled in (False, True):
             backend.set_channels_last(enabled)
-            timings[enabled] = seconds_per_batch(backend, batch_size)
+            timings[enabled] = seconds_per_batch(backend, [batch_size])[batch_size]
         backend.set_channels_last(timings[True] <= timings[False])
         return {
             "batch_size": batch_size,

@@ -436,6 +436,34 @@ async def test_items_that_could_not_meet_their_deadline_are_refused_at_once() ->
     await batcher.stop(drain_timeout=1)
 
 
+async def test_an_item_admitted_before_its_preparation_is_not_refused_again() -> None:
+    model = FakeModel()
+    loop = asyncio.get_running_loop()
+    batcher = make_batcher(model, max_batch_size=1, delay_s=0)
+    blocker = await computing(model, batcher)
+    await asyncio.sleep(0.2)
+    model.release()
+    await blocker  # one item takes at least 0.2 s
+    alone = batcher.expected_wait()
+    assert alone is not None
+    assert batcher.expected_wait(coming=3) == pytest.approx(4 * alone)
+    blocker = await computing(model, batcher)
+    deadline = loop.time() + 0.1
+    with pytest.raises(QueueFull):
+        batcher.admit(deadline)
+    with pytest.raises(QueueFull):
+        await batcher.submit(8, deadline=deadline)
+    assert batcher.stats.rejected_late == 2
+    admitted = later(batcher, 9, deadline=deadline, admitted=True)
+    with pytest.raises(DeadlineExceeded):
+        await admitted  # queued, not refused, and it still cannot outlive its deadline
+    assert batcher.stats.rejected_late == 2
+    model.release()
+    assert await blocker == 2
+    assert 9 not in model.seen
+    await batcher.stop(drain_timeout=1)
+
+
 async def test_after_a_single_item_batch_an_idle_model_does_not_wait_for_company() -> None:
     model = FakeModel()
     loop = asyncio.get_running_loop()
