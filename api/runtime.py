@@ -97,6 +97,8 @@ class Runtime:
         )
         assert self.batcher is not None
         self.batcher.max_batch_size = report["batch_size"]
+        # Shedding works from the first request, not only after the first batch.
+        self.batcher.expect_seconds_per_item(report["seconds_per_item"])
         self.warmed_up.set()
 
     def _on_warmup_done(self, task: "asyncio.Task[None]") -> None:

@@ -110,6 +110,12 @@ class MicroBatcher(Generic[In, Out]):
     def queue_depth(self) -> int:
         return sum(len(queue) for queue in self._queues)
 
+    def expect_seconds_per_item(self, seconds: float) -> None:
+        """Starts the estimate behind ``expected_wait`` from a measurement made before the
+        first batch, such as a warm-up's, so that admission works from the first request."""
+        if self._seconds_per_item.value is None:
+            self._seconds_per_item.add(seconds)
+
     def start(self) -> None:
         """Starts the batch loop on the running event loop."""
         if self._loop_task is not None:

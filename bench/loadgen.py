@@ -62,7 +62,7 @@ async def connection(
     samples: list[tuple[int, float]],
 ) -> None:
     loop = asyncio.get_running_loop()
-    reader = writer = None
+    writer = None
     sent = offset
     while loop.time() < stop_at:
         if writer is None:
@@ -77,7 +77,9 @@ async def connection(
             status, close, retry_after = 0, True, 0.0
         if started >= measure_from:
             samples.append((status, loop.time() - started))
-        if close:
+        if close or retry_after:
+            # The server's keep-alive timeout may end an idle connection while we wait,
+            # just as we send on it: wait on no connection, and open a new one after.
             writer.close()
             writer = None
         if retry_after:

@@ -16,7 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +55,9 @@ def make_images(folder: Path) -> list[Path]:
     return paths
 
 
-def offline(images: list[Path]) -> dict[str, Any]:
-    """Decode cost, model throughput per batch size per backend, and the pipeline limit."""
+def offline(images: list[Path]) -> tuple[dict[str, Any], Callable[[], float]]:
+    """Decode cost, model throughput per batch size per backend, and the pipeline limit;
+    and a function that measures the ONNX Runtime pipeline limit again."""
     settings = Settings()
     model = load_model("efficientnet_lite0")
     data = [path.read_bytes() for path in images]
@@ -71,6 +74,7 @@ def offline(images: list[Path]) -> dict[str, Any]:
     decode_ms = (time.perf_counter() - started) / (rounds * len(data)) * 1000
 
     result: dict[str, Any] = {"decode_ms_per_image": round(decode_ms, 2), "backends": {}}
+    workers = settings.decode_threads("cpu")
     for name, classifier in classifiers.items():
         if name == "torch":
             classifier.warmup(4)  # picks the faster memory layout, as the server does
@@ -78,14 +82,17 @@ def offline(images: list[Path]) -> dict[str, Any]:
         rates = {size: round(size / seconds[size], 1) for size in BATCH_SIZES}
         best = max(rates, key=lambda size: rates[size])
         single_ms = 1000 / rates[1]
-        pipeline = pipeline_rate(classifier, data, best, settings.decode_threads("cpu"))
+        pipeline = pipeline_rate(classifier, data, best, workers)
         result["backends"][name] = {
             "images_per_second": rates,
             "best_batch_size": best,
             "single_image_ms": round(decode_ms + single_ms, 2),
             "pipeline_images_per_second": round(pipeline, 1),
         }
-    return result
+    onnx = result["backends"]["onnxruntime"]
+    return result, partial(
+        pipeline_rate, classifiers["onnxruntime"], data, onnx["best_batch_size"], workers
+    )
 
 
 def pipeline_rate(classifier: Classifier, data: list[bytes], batch: int, workers: int) -> float:
@@ -230,7 +237,7 @@ def targets(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
     by_c = {row["concurrency"]: row for row in ours}
     peak = max(row["throughput_rps"] for row in ours)
     over = report["overload"]
-    limit = backend["pipeline_images_per_second"]
+    limit = max(backend["pipeline_images_per_second"], backend["pipeline_after_servers"])
     checks = [
         (
             "c=1 p50 <= offline single-image latency + 5 ms",
@@ -331,10 +338,10 @@ def markdown(report: dict[str, Any], png: str) -> str:
     ]
     for name, row in off["backends"].items():
         rates = " | ".join(f"{row['images_per_second'][b]} img/s" for b in BATCH_SIZES)
-        lines.append(
-            f"| {name} | {rates} | {row['single_image_ms']} ms | "
-            f"{row['pipeline_images_per_second']} img/s |"
-        )
+        limit = f"{row['pipeline_images_per_second']} img/s"
+        if "pipeline_after_servers" in row:
+            limit += f" ({row['pipeline_after_servers']} after the server runs)"
+        lines.append(f"| {name} | {rates} | {row['single_image_ms']} ms | {limit} |")
     lines += [
         "",
         "## Servers under load",
@@ -386,10 +393,15 @@ def main() -> None:
         paths = make_images(images)
         print(f"offline limits on {len(paths)} JPEGs ...", flush=True)
         report: dict[str, Any] = {"machine": machine(), "duration_s": args.duration}
-        report["offline"] = offline(paths)
+        report["offline"], pipeline_again = offline(paths)
         print(json.dumps(report["offline"], indent=1), flush=True)
         print("servers under load ...", flush=True)
         report["servers"] = servers(images, work, args.duration)
+        # This shared machine's speed drifts over minutes: the limit is measured again
+        # after the servers, and the targets use the higher of the two.
+        onnx = report["offline"]["backends"]["onnxruntime"]
+        onnx["pipeline_after_servers"] = round(pipeline_again(), 1)
+        print(f"pipeline limit again: {onnx['pipeline_after_servers']} img/s", flush=True)
         print("overload ...", flush=True)
         report["overload"] = overload(images, work, max(args.duration, 10))
     report["targets"] = targets(report)

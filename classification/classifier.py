@@ -151,7 +151,8 @@ class Classifier:
 
         With CHANNELS_LAST=auto, PyTorch keeps the faster memory layout. With ``tune``,
         each shape is timed and ``report["batch_size"]`` is the smallest one that reaches
-        95% of the best throughput.
+        95% of the best throughput. ``report["seconds_per_item"]`` is the model's time per
+        image at that batch size.
         """
         started = time.perf_counter()
         report: dict[str, Any] = {"backend": self.backend.name}
@@ -159,8 +160,8 @@ class Classifier:
             report["memory_format_ms"] = self._choose_memory_format(min(max_batch_size, 4))
         shapes = sorted({*(2**i for i in range(max_batch_size.bit_length())), max_batch_size})
         if tune:
-            # Decided on the rounded table, so the choice always follows from what is shown.
             seconds = seconds_per_batch(self.backend, shapes)
+            # Decided on the rounded table, so the choice always follows from what is shown.
             rates = {size: round(size / seconds[size], 1) for size in shapes}
             report["images_per_second"] = rates
             report["batch_size"] = choose_batch_size(rates)
@@ -170,6 +171,8 @@ class Classifier:
             for batch_size in shapes:
                 self.predict([ClassifyInput(blank, 1)] * batch_size)
             report["batch_size"] = max_batch_size
+            seconds = seconds_per_batch(self.backend, [max_batch_size], rounds=1)
+        report["seconds_per_item"] = round(seconds[report["batch_size"]] / report["batch_size"], 6)
         report["seconds"] = round(time.perf_counter() - started, 3)
         self.warmup_report = report
         logger.info("warm-up done: %s", report)

@@ -123,6 +123,14 @@ def test_warmup_times_each_batch_size_and_reports_the_choice(onnx_classifier: Cl
     assert set(report["images_per_second"]) == {1, 2, 4, 8}
     assert report["batch_size"] == choose_batch_size(report["images_per_second"])
     assert report["backend"] == "onnxruntime"
+    per_item = 1 / report["images_per_second"][report["batch_size"]]
+    assert report["seconds_per_item"] == pytest.approx(per_item, rel=0.01)
+
+
+def test_warmup_without_tuning_still_times_the_model(onnx_classifier: Classifier) -> None:
+    report = onnx_classifier.warmup(4)
+    assert report["batch_size"] == 4
+    assert 0 < report["seconds_per_item"] < 1
 
 
 def test_half_precision_needs_cuda() -> None:

@@ -464,6 +464,23 @@ async def test_an_item_admitted_before_its_preparation_is_not_refused_again() ->
     await batcher.stop(drain_timeout=1)
 
 
+async def test_a_warm_up_measurement_makes_shedding_work_before_the_first_batch() -> None:
+    model = FakeModel()
+    loop = asyncio.get_running_loop()
+    batcher = make_batcher(model, max_batch_size=1, delay_s=0)
+    batcher.expect_seconds_per_item(0.5)
+    assert batcher.expected_wait() == pytest.approx(0.5)
+    with pytest.raises(QueueFull, match="behind"):
+        await batcher.submit(1, deadline=loop.time() + 0.2)
+    assert await batcher.submit(2, deadline=loop.time() + 5) == 4
+    after_a_fast_batch = batcher.expected_wait()
+    assert after_a_fast_batch is not None
+    assert after_a_fast_batch < 0.5
+    batcher.expect_seconds_per_item(9.0)  # measured batches outrank a later seed
+    assert batcher.expected_wait() == after_a_fast_batch
+    await batcher.stop(drain_timeout=1)
+
+
 async def test_after_a_single_item_batch_an_idle_model_does_not_wait_for_company() -> None:
     model = FakeModel()
     loop = asyncio.get_running_loop()
