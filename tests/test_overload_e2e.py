@@ -62,11 +62,11 @@ async def test_late_requests_get_504_near_the_timeout_and_are_not_computed(
 async def test_overload_sheds_requests_it_could_not_answer_in_time(tmp_path: Path) -> None:
     env = {"TIMEOUT": "1", "MAX_QUEUE_SIZE": "1000", "MAX_BATCH_SIZE": "4"}
     with running_server(env, tmp_path / "server.log") as server:
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
-            assert (await timed_post(client))[0] == 200  # the batcher learns its pace
+        # No request before the flood: the pace timed at warm-up is enough to shed.
         results = await flood(server, 128)
         statuses = [status for status, _, _ in results]
         assert set(statuses) <= {200, 503, 504}, statuses
+        assert statuses.count(504) <= 16, statuses
         shed = [r for status, _, r in results if status == 503]
         assert shed, statuses
         assert "behind" in shed[0].json()["detail"]
