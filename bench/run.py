@@ -95,21 +95,28 @@ def offline(images: list[Path]) -> tuple[dict[str, Any], Callable[[], float]]:
     )
 
 
-def pipeline_rate(classifier: Classifier, data: list[bytes], batch: int, workers: int) -> float:
-    """Decode in the server's thread pool while the model runs batches: images per second."""
+def pipeline_rate(
+    classifier: Classifier, data: list[bytes], batch: int, workers: int, rounds: int = 3
+) -> float:
+    """Decode in the server's thread pool while the model runs batches: images per second,
+    the best of ``rounds`` (a limit is what the machine can do, and it only ever gets
+    slowed down by other work)."""
     blobs = data * 8
-    started = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        pixels = pool.map(lambda blob: classifier.prepare(blob, max_pixels=10**9), blobs)
-        pending: list[ClassifyInput] = []
-        for item in pixels:
-            pending.append(ClassifyInput(item, 5))
-            if len(pending) == batch:
+    best = 0.0
+    for _ in range(rounds):
+        started = time.perf_counter()
+        with ThreadPoolExecutor(workers) as pool:
+            pixels = pool.map(lambda blob: classifier.prepare(blob, max_pixels=10**9), blobs)
+            pending: list[ClassifyInput] = []
+            for item in pixels:
+                pending.append(ClassifyInput(item, 5))
+                if len(pending) == batch:
+                    classifier.predict(pending)
+                    pending = []
+            if pending:
                 classifier.predict(pending)
-                pending = []
-        if pending:
-            classifier.predict(pending)
-    return len(blobs) / (time.perf_counter() - started)
+        best = max(best, len(blobs) / (time.perf_counter() - started))
+    return best
 
 
 def start(command: list[str], env: dict[str, str], port: int, log: Path) -> Server:
