@@ -1,6 +1,6 @@
 """Inference backends: a uint8 NHWC batch in, class probabilities out.
 
-PyTorch eager is the only backend today; the seam is ``Backend``.
+``TorchBackend`` here, ``OnnxBackend`` in onnx_backend.py; the seam is ``Backend``.
 """
 
 import time
