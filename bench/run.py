@@ -7,10 +7,12 @@ on this machine; the targets of the performance issue are checked at the end.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -122,9 +124,25 @@ def pipeline_rate(
 def start(command: list[str], env: dict[str, str], port: int, log: Path) -> Server:
     with log.open("wb") as out:
         process = subprocess.Popen(
-            command, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+            command,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, for stop_all
         )
     return Server(process, f"http://127.0.0.1:{port}", log)
+
+
+def stop_all(server: Server) -> None:
+    """Stops a server and every process it started. LitServe's workers outlive a SIGTERM
+    to its main process, and left running they would take CPU from the rest of the run."""
+    group = server.process.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    stop(server)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
 
 
 def load(port: int, concurrency: int, duration: float, images: Path) -> dict[str, Any]:
@@ -198,7 +216,7 @@ def servers(
                 )
                 results[name].append(row)
         finally:
-            stop(server)
+            stop_all(server)
     return results
 
 
@@ -210,7 +228,7 @@ def overload(images: Path, logs: Path, duration: float) -> dict[str, Any]:
         wait_ready(server, timeout=180)
         row = load(port, 256, duration, images)
     finally:
-        stop(server)
+        stop_all(server)
     row["goodput_rps"] = row["throughput_rps"]
     return row
 
@@ -231,6 +249,8 @@ def machine() -> dict[str, Any]:
                 break
     return {
         "host": socket.gethostname(),
+        # Anything else running shares the cores: this should be near 0.
+        "load_average_at_start": round(os.getloadavg()[0], 2),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
@@ -334,7 +354,8 @@ def markdown(report: dict[str, Any], png: str) -> str:
         f"# Benchmark, {m['date']}",
         "",
         f"Machine: `{m['host']}`, {m['cpu']}, {m['cores']} cores, no GPU. Python {m['python']}, "
-        f"torch {m['torch']}, onnxruntime {m['onnxruntime']}. Reproduce with `make bench`.",
+        f"torch {m['torch']}, onnxruntime {m['onnxruntime']}; load average "
+        f"{m['load_average_at_start']} at the start. Reproduce with `make bench`.",
         "",
         "## Offline limits (no HTTP)",
         "",
