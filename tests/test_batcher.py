@@ -440,13 +440,8 @@ async def test_an_item_admitted_before_its_preparation_is_not_refused_again() ->
     model = FakeModel()
     loop = asyncio.get_running_loop()
     batcher = make_batcher(model, max_batch_size=1, delay_s=0)
-    blocker = await computing(model, batcher)
-    await asyncio.sleep(0.2)
-    model.release()
-    await blocker  # one item takes at least 0.2 s
-    alone = batcher.expected_wait()
-    assert alone is not None
-    assert batcher.expected_wait(coming=3) == pytest.approx(4 * alone)
+    batcher.expect_seconds_per_item(0.2)
+    assert batcher.expected_wait(coming=3) == pytest.approx(4 * 0.2)
     blocker = await computing(model, batcher)
     deadline = loop.time() + 0.1
     with pytest.raises(QueueFull):
