@@ -41,6 +41,8 @@ class _Pending(Generic[In, Out]):
     deadline: float | None
     submitted_at: float
     priority: int
+    # Taken under the minimum share: no more urgent item displaces it from its batch.
+    guaranteed: bool = False
 
 
 def _set_result(future: "asyncio.Future[Out]", result: Out) -> None:
@@ -60,6 +62,10 @@ class MicroBatcher(Generic[In, Out]):
     its first item arrived, whichever comes first. While the previous batch is still
     computing, the next one keeps filling up to ``max_batch_size``: it could not start
     earlier anyway.
+
+    Lower priorities (higher numbers) fill what higher ones leave, but while any of their
+    items wait they get at least ``min_share`` of the items computed, so that they always
+    progress even when urgent items alone would saturate the model.
     """
 
     def __init__(
@@ -73,6 +79,7 @@ class MicroBatcher(Generic[In, Out]):
         observer: BatcherObserver | None = None,
         priorities: int = 1,
         shed_late: bool = True,
+        min_share: float = 0.0,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
@@ -82,6 +89,8 @@ class MicroBatcher(Generic[In, Out]):
             raise ValueError(f"max_queue_size must be an integer >= 1, got {max_queue_size!r}")
         if not isinstance(priorities, int) or priorities < 1:
             raise ValueError(f"priorities must be an integer >= 1, got {priorities!r}")
+        if not 0 <= min_share < 1:
+            raise ValueError(f"min_share must be >= 0 and < 1, got {min_share!r}")
         self.batch_fn = batch_fn
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
@@ -101,6 +110,8 @@ class MicroBatcher(Generic[In, Out]):
         self._seconds_per_item = RunningMean()
         self._last_batch_size = 0
         self.shed_late = shed_late
+        self.min_share = min_share
+        self._since_lower = 0  # items computed since the last one of a priority above 0
 
     @property
     def accepting(self) -> bool:
@@ -262,12 +273,31 @@ class MicroBatcher(Generic[In, Out]):
 
     def _take_live(self, batch: list[_Pending[In, Out]]) -> None:
         now = asyncio.get_running_loop().time()
+        if self._lower_priority_due(batch):
+            self._take_one_guaranteed(batch, now)
         for queue in self._queues:
             while queue and len(batch) < self.max_batch_size:
                 pending = queue.popleft()
                 if not self._is_dead(pending, now):
                     batch.append(pending)
         self.observer.queue_depth(self.queue_depth)
+
+    def _lower_priority_due(self, batch: list[_Pending[In, Out]]) -> bool:
+        return (
+            self.min_share > 0
+            and self._since_lower * self.min_share >= 1
+            and len(batch) < self.max_batch_size
+            and all(pending.priority == 0 for pending in batch)
+        )
+
+    def _take_one_guaranteed(self, batch: list[_Pending[In, Out]], now: float) -> None:
+        for queue in self._queues[1:]:
+            while queue:
+                pending = queue.popleft()
+                if not self._is_dead(pending, now):
+                    pending.guaranteed = True
+                    batch.append(pending)
+                    return
 
     def _purge_dead(self, queue: "deque[_Pending[In, Out]]") -> None:
         now = asyncio.get_running_loop().time()
@@ -315,7 +345,7 @@ class MicroBatcher(Generic[In, Out]):
         batch.sort(key=lambda pending: pending.priority)
         now = asyncio.get_running_loop().time()
         for priority, queue in enumerate(self._queues):
-            while queue and batch and batch[-1].priority > priority:
+            while queue and batch and batch[-1].priority > priority and not batch[-1].guaranteed:
                 candidate = queue.popleft()
                 if self._is_dead(candidate, now):
                     continue
@@ -341,6 +371,10 @@ class MicroBatcher(Generic[In, Out]):
     def _dispatch(self, batch: list[_Pending[In, Out]]) -> None:
         self.stats.record_batch(len(batch))
         self._last_batch_size = len(batch)
+        if any(pending.priority > 0 for pending in batch):
+            self._since_lower = 0
+        else:
+            self._since_lower += len(batch)
         started = time.monotonic()
         queue_waits = [started - p.submitted_at for p in batch]
         inputs = [p.item for p in batch]

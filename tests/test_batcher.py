@@ -486,3 +486,41 @@ async def test_after_a_single_item_batch_an_idle_model_does_not_wait_for_company
     assert loop.time() - started < 0.25
     assert model.batches == [[1], [2]]
     await batcher.stop(drain_timeout=1)
+
+
+async def test_bulk_items_get_their_minimum_share_under_saturating_urgent_load() -> None:
+    model = FakeModel()
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        model,
+        max_batch_size=2,
+        max_batch_delay_s=0,
+        max_queue_size=64,
+        priorities=2,
+        min_share=0.25,
+    )
+    batcher.start()
+    blocker = await computing(model, batcher, item=0)
+    bulk = [asyncio.create_task(batcher.submit(i, priority=1)) for i in (100, 101)]
+    urgent = [asyncio.create_task(batcher.submit(i)) for i in range(1, 21)]
+    await asyncio.sleep(0.05)
+    model.release()
+    await asyncio.gather(blocker, *urgent, *bulk)
+    # Urgent items alone would fill every batch until the 20th; with a quarter share
+    # each bulk item runs after at most four urgent ones.
+    order = model.seen
+    assert order.index(100) <= 6, model.batches
+    assert order.index(101) - order.index(100) <= 6, model.batches
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_without_a_minimum_share_urgent_items_always_go_first() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=2, delay_s=0, queue=64, priorities=2)
+    blocker = await computing(model, batcher, item=0)
+    bulk = [asyncio.create_task(batcher.submit(i, priority=1)) for i in (100, 101)]
+    urgent = [asyncio.create_task(batcher.submit(i)) for i in range(1, 21)]
+    await asyncio.sleep(0.05)
+    model.release()
+    await asyncio.gather(blocker, *urgent, *bulk)
+    assert model.seen[-2:] == [100, 101], model.batches
+    await batcher.stop(drain_timeout=1)
