@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev install-bench run test lint typecheck pytest docker-check bench clean
+.PHONY: help install install-dev install-bench services run test lint typecheck pytest docker-check bench clean
 
 help:
 	@echo "make run    - create $(VENV) if needed, install what changed, serve on :5001"
@@ -42,7 +42,11 @@ lint: install-dev
 typecheck: install-dev
 	$(PY) -m mypy
 
-pytest: install-dev
+# redis-server and haproxy, which the tests start on their own ports (Debian packages).
+services:
+	bash scripts/install-services.sh
+
+pytest: install-dev services
 	$(PY) -m pytest
 
 test: lint typecheck pytest

@@ -1,16 +1,24 @@
 """Asynchronous jobs: many images, one id, results and progress over time."""
 
-from jobs.models import FINAL_STATUSES, Job, JobEvent, JobStatus
-from jobs.runner import JobRunner
-from jobs.store import InMemoryJobStore, JobStore, StoreFull
+from jobs.memory import MemoryJobStore
+from jobs.models import FINAL_STATUSES, ItemResult, JobEvent, JobStatus, WorkItem
+from jobs.redis_store import RedisJobStore
+from jobs.runner import HandBack, JobRunner
+from jobs.store import ChangeFeed, JobStore, StoreFull, StoreLimits, StoreUnavailable
 
 __all__ = [
     "FINAL_STATUSES",
-    "InMemoryJobStore",
-    "Job",
+    "ChangeFeed",
+    "HandBack",
+    "ItemResult",
     "JobEvent",
     "JobRunner",
     "JobStatus",
     "JobStore",
+    "MemoryJobStore",
+    "RedisJobStore",
     "StoreFull",
+    "StoreLimits",
+    "StoreUnavailable",
+    "WorkItem",
 ]

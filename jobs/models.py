@@ -1,9 +1,6 @@
-"""A job, its per-item results and the event log that SSE clients replay."""
+"""What the job stores share: statuses, events, and the unit of work a replica takes."""
 
-import asyncio
-import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -17,101 +14,53 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+LIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
 FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
-_FINAL_EVENT = {
+FINAL_EVENT = {
     JobStatus.SUCCEEDED: "done",
     JobStatus.FAILED: "failed",
     JobStatus.CANCELLED: "cancelled",
 }
 
+ItemResult = dict[str, Any]
+"""One item's result: the task's answer, or ``{"error": {"status", "detail"}}``."""
 
-def _now() -> str:
+
+def now_iso() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def completion_status(failed: int, total: int) -> JobStatus:
+    """How a job whose every item has a result ends: failed only if all items failed."""
+    return JobStatus.FAILED if failed == total else JobStatus.SUCCEEDED
 
 
 @dataclass(frozen=True, slots=True)
 class JobEvent:
-    """One server-sent event. ``id`` counts from 1 in the order events happened."""
+    """One server-sent event. ``id`` counts from 1 in the order the job's events happened,
+    whichever replica wrote them."""
 
     id: int
     kind: str
     data: dict[str, Any]
 
-
-@dataclass(eq=False)
-class Job:
-    """Mutated only on the event loop. ``done`` counts finished items, failed ones too."""
-
-    total: int
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    status: JobStatus = JobStatus.QUEUED
-    created_at: str = field(default_factory=_now)
-    started_at: str | None = None
-    finished_at: str | None = None
-    finished_monotonic: float | None = None
-    done: int = 0
-    failed: int = 0
-    results: list[dict[str, Any] | None] = field(default_factory=list)
-    events: list[JobEvent] = field(default_factory=list)
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self.results = [None] * self.total
-
     @property
-    def finished(self) -> bool:
-        return self.status in FINAL_STATUSES
+    def final(self) -> bool:
+        return self.kind in FINAL_EVENT.values()
 
-    @property
-    def changed(self) -> asyncio.Event:
-        """Set at the next change; take it before reading the state it guards."""
-        return self._changed
 
-    def progress(self) -> dict[str, int]:
-        return {"done": self.done, "failed": self.failed, "total": self.total}
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """One image of one job, handed to a replica to compute.
 
-    def start(self) -> None:
-        if self.status is JobStatus.QUEUED:
-            self.status = JobStatus.RUNNING
-            self.started_at = _now()
-            self._notify()
+    ``delivery`` counts how many times the store has handed this item out, this time
+    included: above 1 the item was taken over from a replica that stopped answering.
+    ``data`` is None when the job ended and its images were freed. ``handle`` is the
+    store's own reference to the delivery.
+    """
 
-    def record(self, index: int, result: dict[str, Any], *, ok: bool) -> None:
-        """Stores item ``index``'s result (or ``{"error": ...}``) and emits a progress event."""
-        if self.finished or self.results[index] is not None:
-            return
-        self.results[index] = result
-        self.done += 1
-        self.failed += 0 if ok else 1
-        self._emit("progress", {"index": index, **self.progress(), "result": result})
-
-    def finish(self, status: JobStatus) -> None:
-        """Moves to a final status once; later calls are ignored."""
-        if self.finished:
-            return
-        self.status = status
-        self.finished_at = _now()
-        self.finished_monotonic = time.monotonic()
-        self._emit(_FINAL_EVENT[status], {"status": status.value, **self.progress()})
-
-    def final_event(self) -> JobEvent | None:
-        return self.events[-1] if self.finished else None
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "job_id": self.id,
-            "status": self.status.value,
-            "progress": self.progress(),
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "results": self.results,
-        }
-
-    def _emit(self, kind: str, data: dict[str, Any]) -> None:
-        self.events.append(JobEvent(len(self.events) + 1, kind, data))
-        self._notify()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+    job_id: str
+    index: int
+    data: bytes | None
+    delivery: int
+    handle: str

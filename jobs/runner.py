@@ -1,99 +1,199 @@
-"""Runs each job's items through a caller-supplied coroutine, a bounded number at a time."""
+"""Computes job items taken from a store, a bounded number at a time."""
 
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
-from jobs.models import Job, JobStatus
-from jobs.store import JobStore
+from jobs.models import ItemResult, WorkItem
+from jobs.store import JobStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
-ProcessItem = Callable[[bytes], Awaitable[dict[str, Any]]]
+ProcessItem = Callable[[bytes], Awaitable[ItemResult]]
 DescribeError = Callable[[BaseException], dict[str, Any]]
+
+TAKE_WAIT_S = 1.0
+
+
+class HandBack(Exception):
+    """Raised by ``process_item`` when this process cannot compute the item now (it is
+    stopping): the item goes back to the store for another replica, not into the job's
+    results as an error."""
+
+
+MAX_BACKOFF_S = 5.0
 
 
 class JobRunner:
-    """Owns one task per running job. At most ``concurrency`` items of all jobs together
-    are in flight, so a big job never floods the batcher's queue."""
+    """Takes items from ``store`` while fewer than ``concurrency`` are in flight here, so
+    a big job never floods the batcher, and records each result. Any number of runners,
+    in any number of processes, can share one store.
+
+    On shutdown it takes nothing more, lets the items in flight finish, and hands back
+    the rest; it never cancels a job.
+    """
 
     def __init__(
         self,
         store: JobStore,
         process_item: ProcessItem,
         describe_error: DescribeError,
+        *,
         concurrency: int,
+        max_deliveries: int,
+        keep_alive_s: float,
     ) -> None:
         self.store = store
         self.process_item = process_item
         self.describe_error = describe_error
         self.concurrency = concurrency
-        self._slots: asyncio.Semaphore | None = None
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.max_deliveries = max_deliveries
+        self.keep_alive_s = keep_alive_s
+        self._in_flight: dict[str, tuple[WorkItem, asyncio.Task[None]]] = {}
+        self._dropping: set[str] = set()
+        self._handing_back: list[WorkItem] = []
+        self._slot_freed = asyncio.Event()
+        self._taking = False
+        self._tasks: list[asyncio.Task[None]] = []
+        store.on_cancel(self._drop_job)
 
-    def submit(self, items: list[bytes | BaseException]) -> Job:
-        """Stores a new job and starts it. An exception in ``items`` is that item's error.
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
 
-        Raises StoreFull when the store has no room.
-        """
-        job = Job(total=len(items))
-        self.store.add(job)
-        task = asyncio.create_task(self._run(job, items), name=f"job-{job.id}")
-        self._tasks[job.id] = task
-        task.add_done_callback(lambda done: self._forget(job, done))
-        return job
+    def start(self) -> None:
+        self._taking = True
+        for name, loop in (("job-consumer", self._consume), ("job-keep-alive", self._keep_alive)):
+            task = asyncio.create_task(loop(), name=name)
+            task.add_done_callback(_log_crash)
+            self._tasks.append(task)
 
-    def cancel(self, job: Job) -> bool:
-        """Cancels ``job``; True if it is (now or already) cancelled, False if it had
-        already succeeded or failed. Finished results are kept."""
-        if job.finished:
-            return job.status is JobStatus.CANCELLED
-        job.finish(JobStatus.CANCELLED)
-        task = self._tasks.get(job.id)
-        if task is not None:
-            task.cancel()
-        return True
+    def stop_taking(self) -> None:
+        """Takes no new items from now on."""
+        self._taking = False
+        self._slot_freed.set()
 
-    async def stop(self) -> None:
-        """Cancels every running job and waits for their tasks to end."""
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-
-    async def _run(self, job: Job, items: list[bytes | BaseException]) -> None:
-        try:
-            await asyncio.gather(*(self._run_item(job, i, items) for i in range(job.total)))
-        finally:
-            if not job.finished:
-                cancelled = asyncio.current_task().cancelling()  # type: ignore[union-attr]
-                if cancelled:
-                    job.finish(JobStatus.CANCELLED)
-                elif job.failed == job.total:
-                    job.finish(JobStatus.FAILED)
-                else:
-                    job.finish(JobStatus.SUCCEEDED)
-
-    async def _run_item(self, job: Job, index: int, items: list[bytes | BaseException]) -> None:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.concurrency)
-        async with self._slots:
-            job.start()
-            data, items[index] = items[index], b""  # free the upload as soon as it is used
+    async def stop(self, grace_s: float) -> None:
+        """Stops taking items, waits up to ``grace_s`` for those in flight, and hands
+        back whatever is left for another replica."""
+        self.stop_taking()
+        consumer, keeper = self._tasks or (None, None)
+        if consumer is not None:
+            # The consumer returns within one take; what it took then is handed back.
+            done, _ = await asyncio.wait([consumer], timeout=TAKE_WAIT_S + 3)
+            if not done:
+                consumer.cancel()
+        working = [task for _, task in self._in_flight.values()]
+        if working:
+            _, late = await asyncio.wait(working, timeout=grace_s)
+            for task in late:
+                task.cancel()
+            await asyncio.wait(working)
+        if keeper is not None:
+            keeper.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        if self._handing_back:
             try:
-                if isinstance(data, BaseException):
-                    raise data
-                result = await self.process_item(data)
+                await self.store.release(self._handing_back)
+                logger.info("handed back %d job items for another replica", len(self._handing_back))
+            except StoreUnavailable as exc:
+                logger.warning("could not hand back job items (%s); they will be reclaimed", exc)
+
+    async def _consume(self) -> None:
+        backoff = 0.1
+        while self._taking:
+            free = self.concurrency - len(self._in_flight)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                items = await self.store.take(free, TAKE_WAIT_S)
+            except StoreUnavailable as exc:
+                logger.warning("cannot take job items (%s); retrying in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, MAX_BACKOFF_S)
+                continue
+            backoff = 0.1
+            if not self._taking:
+                self._handing_back += items
+                return
+            for item in items:
+                task = asyncio.create_task(self._work(item), name=f"job-item-{item.handle}")
+                self._in_flight[item.handle] = (item, task)
+                task.add_done_callback(partial(self._finished, item.handle))
+
+    def _finished(self, handle: str, _task: "asyncio.Task[None]") -> None:
+        self._in_flight.pop(handle, None)
+        self._dropping.discard(handle)
+        self._slot_freed.set()
+
+    async def _work(self, item: WorkItem) -> None:
+        try:
+            if item.delivery > self.max_deliveries:
+                detail = (
+                    f"no replica finished this image in {item.delivery - 1} tries: it may"
+                    " crash the server (JOB_MAX_DELIVERIES)"
+                )
+                await self.store.record(
+                    item, {"error": {"status": 500, "detail": detail}}, ok=False
+                )
+                return
+            if item.data is None or not await self.store.begin(item):
+                await self.store.discard(item)
+                return
+            try:
+                result = await self.process_item(item.data)
             except asyncio.CancelledError:
                 raise
+            except HandBack:
+                self._handing_back.append(item)
             except Exception as exc:
-                job.record(index, {"error": self.describe_error(exc)}, ok=False)
+                await self.store.record(item, {"error": self.describe_error(exc)}, ok=False)
             else:
-                job.record(index, result, ok=True)
+                await self.store.record(item, result, ok=True)
+        except asyncio.CancelledError:
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            if item.handle in self._dropping:
+                await self._quietly(self.store.discard(item))
+            else:
+                self._handing_back.append(item)
+        except StoreUnavailable as exc:
+            # The item stays pending in the store and is taken again after the claim time.
+            logger.warning("could not record job %s item %d: %s", item.job_id, item.index, exc)
 
-    def _forget(self, job: Job, task: "asyncio.Task[None]") -> None:
-        self._tasks.pop(job.id, None)
-        if not task.cancelled() and (error := task.exception()) is not None:
-            logger.error("job %s crashed", job.id, exc_info=error)
+    async def _keep_alive(self) -> None:
+        """Keeps this replica's claim on the items it works on, however long they wait
+        behind interactive requests, and drops items of jobs cancelled meanwhile (in case
+        the cancellation notice was missed)."""
+        while True:
+            await asyncio.sleep(self.keep_alive_s)
+            items = [item for item, _ in self._in_flight.values()]
+            try:
+                ended = await self.store.keep_alive(items)
+            except StoreUnavailable as exc:
+                logger.warning("cannot refresh job items (%s)", exc)
+                continue
+            for job_id in ended:
+                self._drop_job(job_id)
+
+    def _drop_job(self, job_id: str) -> None:
+        for handle, (item, task) in list(self._in_flight.items()):
+            if item.job_id == job_id and not task.done():
+                self._dropping.add(handle)
+                task.cancel()
+
+    @staticmethod
+    async def _quietly(work: Awaitable[None]) -> None:
+        try:
+            await work
+        except StoreUnavailable as exc:
+            logger.warning("could not acknowledge a dropped job item: %s", exc)
+
+
+def _log_crash(task: "asyncio.Task[None]") -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        logger.error("%s crashed", task.get_name(), exc_info=error)

@@ -1,0 +1,45 @@
+-- ARGV: prefix, job id, total, created_at, max_jobs, max_items, max_bytes, ttl,
+-- idempotency key ('' for none), image bytes, image count, the image indexes,
+-- then index, error-result pairs for the items that could not be read.
+-- The images were written to the job's data hash beforehand, with an expiry.
+local prefix, id, total, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[8])
+local idem, nbytes, nimages = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
+local k = job_keys(prefix, id)
+if idem ~= '' then
+  local known = redis.call('GET', idem)
+  if known then
+    local v = redis.call('HMGET', prefix .. ':job:' .. known, 'status', 'total')
+    if v[1] then
+      redis.call('DEL', k.data)
+      return {'known', known, v[1], v[2]}
+    end
+  end
+end
+local live = redis.call('SCARD', LIVE)
+local items = tonumber(redis.call('GET', ITEMS) or '0')
+local bytes = tonumber(redis.call('GET', BYTES) or '0')
+if live >= tonumber(ARGV[5]) or items + nimages > tonumber(ARGV[6])
+    or bytes + nbytes > tonumber(ARGV[7]) then
+  redis.call('DEL', k.data)
+  return {'full', live, items, bytes}
+end
+redis.call('PERSIST', k.data)
+redis.call('HSET', k.job, 'total', total, 'status', 'queued', 'created_at', now,
+  'done', 0, 'failed', 0, 'seq', 0, 'queued_bytes', nbytes, 'queued_items', nimages)
+if idem ~= '' then
+  redis.call('SET', idem, id)
+  redis.call('HSET', k.job, 'idem', idem)
+end
+redis.call('SADD', LIVE, id)
+redis.call('INCRBY', ITEMS, nimages)
+redis.call('INCRBY', BYTES, nbytes)
+for i = 1, nimages do
+  redis.call('XADD', WORK, '*', 'job', id, 'index', ARGV[11 + i])
+end
+local pos = 12 + nimages
+while pos < #ARGV do
+  add_result(k, ARGV[pos], ARGV[pos + 1], false, now, ttl)
+  pos = pos + 2
+end
+redis.call('PUBLISH', k.changed, id)
+return {'created', id, 'queued', total}

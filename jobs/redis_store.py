@@ -1,0 +1,388 @@
+"""Jobs in Redis: shared by every worker and replica, and kept across restarts.
+
+Work items travel through one Redis Stream read by a consumer group, so each item goes
+to one replica at a time and stays pending until that replica records its result. An
+item whose replica stopped answering is claimed by another after ``claim_idle_s``.
+Results, counts and events change only inside Lua scripts, so a redelivered item is
+never counted twice. Needs the Redis 7.0 (Valkey 7.2) command set, not Redis Cluster.
+"""
+
+import asyncio
+import functools
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from jobs.models import ItemResult, JobEvent, JobStatus, WorkItem, now_iso
+from jobs.store import CancelCallback, ChangeFeed, StoreLimits, StoreUnavailable
+
+logger = logging.getLogger(__name__)
+
+GROUP = "replicas"
+# Images written before the job exists expire by themselves if the writer dies.
+_UNCLAIMED_DATA_TTL_S = 600
+_LUA = Path(__file__).with_name("lua")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _unavailable(
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except RedisError as exc:
+            raise StoreUnavailable(f"the job store (Redis) is unavailable: {exc}") from exc
+
+    return wrapper
+
+
+def _client(url: str, timeout: float | None) -> Any:
+    """A client; typed Any, since redis-py's hints do not follow pipelines and replies."""
+    # One quick retry on a fresh connection covers a pool that went stale while Redis
+    # restarted; a Redis that is really down fails within about 2 x timeout.
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout or 2.0,
+        retry=Retry(NoBackoff(), 1),
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisJobStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str,
+        limits: StoreLimits,
+        ttl_s: float,
+        timeout_s: float,
+        claim_idle_s: float,
+    ) -> None:
+        self.prefix = prefix
+        self.limits = limits
+        self.ttl_s = max(1, round(ttl_s))
+        self.claim_idle_ms = round(claim_idle_s * 1000)
+        self.feed = ChangeFeed()
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._redis = _client(url, timeout_s)
+        # Blocking reads and the subscription wait longer than a request may.
+        self._blocking = _client(url, timeout_s + 2.0)
+        self._listener_client = _client(url, None)
+        self._keys = [f"{prefix}:{name}" for name in ("live", "queued_items", "queued_bytes")]
+        self._keys.append(self.work_key)
+        common = (_LUA / "common.lua").read_text()
+        self._scripts = {
+            name: self._redis.register_script(common + (_LUA / f"{name}.lua").read_text())
+            for name in ("create", "record", "begin", "cancel", "release")
+        }
+        self._cancel_callbacks: list[CancelCallback] = []
+        self._listener: asyncio.Task[None] | None = None
+        self._next_reclaim = 0.0
+
+    @property
+    def work_key(self) -> str:
+        return f"{self.prefix}:work"
+
+    def _job_key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    async def start(self) -> None:
+        try:
+            await self._ensure_group()
+            await self._check_eviction_policy()
+        except RedisError as exc:
+            logger.warning("Redis is not reachable yet (%s); jobs answer 503 until it is", exc)
+        self._listener = asyncio.create_task(self._listen(), name="job-store-listener")
+
+    async def close(self) -> None:
+        self.feed.close()
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.wait([self._listener])
+        for client in (self._redis, self._blocking, self._listener_client):
+            await client.aclose()
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self._redis.xgroup_create(self.work_key, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _check_eviction_policy(self) -> None:
+        try:
+            policy = _text((await self._redis.config_get("maxmemory-policy"))["maxmemory-policy"])
+        except (ResponseError, KeyError):
+            return  # managed services may refuse CONFIG
+        if policy != "noeviction":
+            logger.warning(
+                "Redis maxmemory-policy is %r: when Redis fills up it may silently evict jobs"
+                " and their queued images; set maxmemory-policy noeviction",
+                policy,
+            )
+
+    @_unavailable
+    async def admit(self, nbytes: int) -> None:
+        live, items, queued = await (
+            self._redis.pipeline(transaction=False)
+            .scard(self._keys[0])
+            .get(self._keys[1])
+            .get(self._keys[2])
+            .execute()
+        )
+        self.limits.check(live, int(items or 0), int(queued or 0), 0, nbytes)
+
+    @_unavailable
+    async def create(
+        self, items: Sequence[bytes | ItemResult], idempotency_key: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        job_id = uuid.uuid4().hex
+        images = {i: item for i, item in enumerate(items) if isinstance(item, bytes)}
+        errors = [
+            part
+            for i, item in enumerate(items)
+            if not isinstance(item, bytes)
+            for part in (str(i), json.dumps(item))
+        ]
+        if images:
+            data_key = f"{self._job_key(job_id)}:data"
+            await (
+                self._redis.pipeline(transaction=True)
+                .hset(data_key, mapping=images)
+                .expire(data_key, _UNCLAIMED_DATA_TTL_S)
+                .execute()
+            )
+        idem = ""
+        if idempotency_key is not None:
+            digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
+            idem = f"{self.prefix}:idempotency:{digest}"
+        nbytes = sum(len(data) for data in images.values())
+        args: list[Any] = [
+            self.prefix,
+            job_id,
+            len(items),
+            now_iso(),
+            self.limits.max_jobs,
+            self.limits.max_items,
+            self.limits.max_bytes,
+            self.ttl_s,
+            idem,
+            nbytes,
+            len(images),
+            *images,
+            *errors,
+        ]
+        reply = [_text(v) for v in await self._scripts["create"](keys=self._keys, args=args)]
+        if reply[0] == "full":
+            live, queued_items, queued_bytes = map(int, reply[1:])
+            self.limits.check(live, queued_items, queued_bytes, len(images), nbytes)
+            raise AssertionError(f"the create script refused a job that fits: {reply}")
+        summary = {"job_id": reply[1], "status": reply[2], "total": int(reply[3])}
+        return summary, reply[0] == "created"
+
+    @_unavailable
+    async def get(self, job_id: str) -> dict[str, Any] | None:
+        key = self._job_key(job_id)
+        fields, results = await (
+            self._redis.pipeline(transaction=True).hgetall(key).hgetall(f"{key}:results").execute()
+        )
+        if not fields:
+            return None
+        job = {_text(k): _text(v) for k, v in fields.items()}
+        total = int(job["total"])
+        ordered: list[Any] = [None] * total
+        for index, result in results.items():
+            ordered[int(index)] = json.loads(result)
+        return {
+            "job_id": job_id,
+            "status": job["status"],
+            "progress": {"done": int(job["done"]), "failed": int(job["failed"]), "total": total},
+            "created_at": job["created_at"],
+            "started_at": job.get("started_at"),
+            "finished_at": job.get("finished_at"),
+            "results": ordered,
+        }
+
+    @_unavailable
+    async def events(self, job_id: str, after: int) -> list[JobEvent] | None:
+        key = self._job_key(job_id)
+        exists, entries = await (
+            self._redis.pipeline(transaction=True)
+            .exists(key)
+            .xrange(f"{key}:events", min=f"({0}-{max(after, 0)}")
+            .execute()
+        )
+        if not exists:
+            return None
+        return [
+            JobEvent(
+                int(_text(entry_id).split("-")[1]),
+                _text(fields[b"kind"]),
+                json.loads(fields[b"data"]),
+            )
+            for entry_id, fields in entries
+        ]
+
+    @_unavailable
+    async def cancel(self, job_id: str) -> JobStatus | None:
+        args = [self.prefix, job_id, now_iso(), self.ttl_s]
+        status = await self._scripts["cancel"](keys=self._keys, args=args)
+        return JobStatus(_text(status)) if status else None
+
+    @_unavailable
+    async def take(self, count: int, wait_s: float) -> list[WorkItem]:
+        """Claims items idle past ``claim_idle_s`` first (their replica died), then reads
+        new ones."""
+        taken: list[tuple[Any, Any, int]] = []
+        if time.monotonic() >= self._next_reclaim:
+            self._next_reclaim = time.monotonic() + self.claim_idle_ms / 4000
+            taken += await self._reclaim(count)
+        if len(taken) < count:
+            try:
+                reply = await self._blocking.xreadgroup(
+                    GROUP,
+                    self.consumer,
+                    {self.work_key: ">"},
+                    count=count - len(taken),
+                    block=0 if taken else max(1, round(wait_s * 1000)),
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._ensure_group()  # Redis lost the group: it restarted empty
+                return []
+            for _stream, entries in reply or []:
+                taken += [(entry_id, fields, 1) for entry_id, fields in entries]
+        if not taken:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for _entry_id, fields, _delivery in taken:
+            pipe.hget(f"{self._job_key(_text(fields[b'job']))}:data", fields[b"index"])
+        images = await pipe.execute()
+        return [
+            WorkItem(_text(fields[b"job"]), int(fields[b"index"]), data, delivery, _text(entry_id))
+            for (entry_id, fields, delivery), data in zip(taken, images, strict=True)
+        ]
+
+    async def _reclaim(self, count: int) -> list[tuple[Any, Any, int]]:
+        stale = await self._redis.xpending_range(
+            self.work_key, GROUP, min="-", max="+", count=count, idle=self.claim_idle_ms
+        )
+        if not stale:
+            return []
+        deliveries = {_text(p["message_id"]): int(p["times_delivered"]) for p in stale}
+        claimed = await self._redis.xclaim(
+            self.work_key, GROUP, self.consumer, self.claim_idle_ms, list(deliveries)
+        )
+        logger.warning("took over %d job items from a replica that stopped", len(claimed))
+        return [
+            (entry_id, fields, deliveries[_text(entry_id)] + 1)
+            for entry_id, fields in claimed
+            if fields  # an entry deleted meanwhile comes back empty
+        ]
+
+    @_unavailable
+    async def begin(self, item: WorkItem) -> bool:
+        args = [self.prefix, item.job_id, now_iso()]
+        return bool(await self._scripts["begin"](keys=self._keys, args=args))
+
+    @_unavailable
+    async def record(self, item: WorkItem, result: ItemResult, *, ok: bool) -> None:
+        args = [
+            self.prefix,
+            item.job_id,
+            item.index,
+            json.dumps(result),
+            int(ok),
+            now_iso(),
+            self.ttl_s,
+            item.handle,
+            GROUP,
+        ]
+        await self._scripts["record"](keys=self._keys, args=args)
+
+    @_unavailable
+    async def discard(self, item: WorkItem) -> None:
+        await (
+            self._redis.pipeline(transaction=True)
+            .xack(self.work_key, GROUP, item.handle)
+            .xdel(self.work_key, item.handle)
+            .execute()
+        )
+
+    @_unavailable
+    async def release(self, items: Sequence[WorkItem]) -> None:
+        if items:
+            args: list[Any] = [GROUP]
+            for item in items:
+                args += [item.handle, item.job_id, item.index]
+            await self._scripts["release"](keys=self._keys, args=args)
+
+    @_unavailable
+    async def keep_alive(self, items: Sequence[WorkItem]) -> list[str]:
+        if not items:
+            return []
+        job_ids = sorted({item.job_id for item in items})
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xclaim(
+            self.work_key, GROUP, self.consumer, 0, [item.handle for item in items], justid=True
+        )
+        for job_id in job_ids:
+            pipe.hget(self._job_key(job_id), "status")
+        _claimed, *statuses = await pipe.execute()
+        return [
+            job_id
+            for job_id, status in zip(job_ids, statuses, strict=True)
+            if status is None or _text(status) not in ("queued", "running")
+        ]
+
+    def on_cancel(self, callback: CancelCallback) -> None:
+        self._cancel_callbacks.append(callback)
+
+    async def _listen(self) -> None:
+        """Follows job changes and cancellations published by every replica; after an
+        outage every watcher is woken to read the state again."""
+        changed, cancelled = f"{self.prefix}:changed", f"{self.prefix}:cancelled"
+        backoff = 0.1
+        while True:
+            try:
+                async with self._listener_client.pubsub() as pubsub:
+                    await pubsub.subscribe(changed, cancelled)
+                    self.feed.notify_all()
+                    backoff = 0.1
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=5.0
+                        )
+                        if message is None:
+                            continue
+                        job_id = _text(message["data"])
+                        if _text(message["channel"]) == cancelled:
+                            for callback in self._cancel_callbacks:
+                                callback(job_id)
+                        self.feed.notify(job_id)
+            except RedisError as exc:
+                logger.debug("job store listener lost Redis (%s); reconnecting", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)

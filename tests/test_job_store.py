@@ -1,0 +1,252 @@
+"""One contract for both job stores: the memory store and the Redis store (against a real
+redis-server) must behave the same, so they cannot drift."""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from jobs import (
+    JobStatus,
+    JobStore,
+    MemoryJobStore,
+    RedisJobStore,
+    StoreFull,
+    StoreLimits,
+    WorkItem,
+)
+from tests.services import RedisServer, redis_server
+
+pytestmark = pytest.mark.anyio
+
+LIMITS = StoreLimits(max_jobs=3, max_items=10, max_bytes=1000)
+ERROR = {"error": {"status": 400, "detail": "not an image"}}
+
+
+@pytest.fixture(scope="module")
+def redis_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+def open_store(
+    kind: str, redis: RedisServer | None, limits: StoreLimits = LIMITS, ttl_s: float = 60
+) -> JobStore:
+    if kind == "memory":
+        return MemoryJobStore(limits=limits, ttl_s=ttl_s)
+    assert redis is not None
+    return RedisJobStore(
+        redis.url,
+        prefix=f"test-{uuid.uuid4().hex[:8]}",  # a fresh namespace per test
+        limits=limits,
+        ttl_s=ttl_s,
+        timeout_s=2.0,
+        claim_idle_s=0.3,
+    )
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[JobStore]:
+    redis = request.getfixturevalue("redis_service") if request.param == "redis" else None
+    store = open_store(request.param, redis)
+    await store.start()
+    yield store
+    await store.close()
+
+
+async def take_all(store: JobStore, expected: int) -> list[WorkItem]:
+    items: list[WorkItem] = []
+    while len(items) < expected:
+        got = await store.take(expected - len(items), 2.0)
+        assert got, f"only {len(items)} of {expected} items were handed out"
+        items += got
+    return items
+
+
+async def test_a_job_is_created_worked_and_finished(store: JobStore) -> None:
+    summary, created = await store.create([b"one", b"two"])
+    assert created
+    assert summary["status"] == "queued"
+    assert summary["total"] == 2
+    job_id = summary["job_id"]
+    items = await take_all(store, 2)
+    assert sorted((item.index, item.data) for item in items) == [(0, b"one"), (1, b"two")]
+    assert all(item.delivery == 1 for item in items)
+    assert await store.begin(items[0])
+    running = await store.get(job_id)
+    assert running is not None
+    assert running["status"] == "running"
+    assert running["started_at"] is not None
+    await store.record(items[0], {"label": items[0].index}, ok=True)
+    await store.record(items[1], ERROR, ok=False)
+    job = await store.get(job_id)
+    assert job is not None
+    assert job["status"] == "succeeded"
+    assert job["progress"] == {"done": 2, "failed": 1, "total": 2}
+    results = {items[0].index: {"label": items[0].index}, items[1].index: ERROR}
+    assert job["results"] == [results[0], results[1]]
+    events = await store.events(job_id, 0)
+    assert events is not None
+    assert [(e.id, e.kind) for e in events] == [(1, "progress"), (2, "progress"), (3, "done")]
+    assert events[-1].data == {"status": "succeeded", "done": 2, "failed": 1, "total": 2}
+    assert events[0].data["result"] == results[events[0].data["index"]]
+    assert [e.id for e in await store.events(job_id, 2) or []] == [3]
+
+
+async def test_a_redelivered_item_is_counted_once(store: JobStore) -> None:
+    summary, _ = await store.create([b"a", b"b"])
+    first, second = await take_all(store, 2)
+    await store.record(first, {"n": 1}, ok=True)
+    await store.record(first, {"n": 2}, ok=True)
+    job = await store.get(summary["job_id"])
+    assert job is not None
+    assert job["progress"]["done"] == 1
+    assert job["results"][first.index] == {"n": 1}
+    await store.record(second, {"n": 3}, ok=True)
+    events = await store.events(summary["job_id"], 0) or []
+    assert [e.kind for e in events] == ["progress", "progress", "done"]
+
+
+async def test_unreadable_items_are_results_from_the_start(store: JobStore) -> None:
+    summary, _ = await store.create([ERROR, b"x"])
+    job = await store.get(summary["job_id"])
+    assert job is not None
+    assert job["progress"] == {"done": 1, "failed": 1, "total": 2}
+    assert job["results"] == [ERROR, None]
+    assert [item.index for item in await take_all(store, 1)] == [1]
+
+
+async def test_a_job_whose_items_are_all_unreadable_fails_at_once(store: JobStore) -> None:
+    summary, _ = await store.create([ERROR, ERROR])
+    job = await store.get(summary["job_id"])
+    assert job is not None
+    assert job["status"] == "failed"
+    assert await store.take(5, 0.2) == []
+
+
+async def test_limits_count_live_jobs_and_queued_images_only(store: JobStore) -> None:
+    with pytest.raises(StoreFull, match="MAX_QUEUED_JOB_ITEMS"):
+        await store.create([b"x"] * 11)
+    with pytest.raises(StoreFull, match="MAX_QUEUED_JOB_BYTES"):
+        await store.create([b"x" * 1001])
+    with pytest.raises(StoreFull, match="MAX_QUEUED_JOB_BYTES"):
+        await store.admit(1001)
+    jobs = [(await store.create([b"x" * 100]))[0]["job_id"] for _ in range(3)]
+    with pytest.raises(StoreFull, match="MAX_JOBS"):
+        await store.admit(10)
+    with pytest.raises(StoreFull, match="MAX_JOBS"):
+        await store.create([b"y"])
+    # Finished jobs do not block new ones.
+    item = (await take_all(store, 1))[0]
+    await store.record(item, {"ok": True}, ok=True)
+    assert await store.cancel(jobs[1]) is JobStatus.CANCELLED
+    await store.admit(900)
+    _, created = await store.create([b"z" * 800])
+    assert created
+    with pytest.raises(StoreFull, match="MAX_QUEUED_JOB_BYTES"):
+        await store.admit(101)
+
+
+async def test_cancel_ends_a_live_job_and_frees_its_items(store: JobStore) -> None:
+    cancelled: list[str] = []
+    store.on_cancel(cancelled.append)
+    summary, _ = await store.create([b"a", b"b", b"c"])
+    job_id = summary["job_id"]
+    first = (await take_all(store, 1))[0]
+    assert await store.cancel(job_id) is JobStatus.CANCELLED
+    assert await store.cancel(job_id) is JobStatus.CANCELLED
+    for _ in range(50):
+        if cancelled:
+            break
+        await asyncio.sleep(0.02)  # the Redis store hears of it through pub/sub
+    assert cancelled == [job_id]
+    assert not await store.begin(first)
+    rest = await take_all(store, 2)
+    assert all(item.data is None for item in rest)
+    for item in rest:
+        assert not await store.begin(item)
+        await store.discard(item)
+    await store.record(first, {"late": True}, ok=True)
+    job = await store.get(job_id)
+    assert job is not None
+    assert job["status"] == "cancelled"
+    assert job["progress"]["done"] == 0
+    events = await store.events(job_id, 0) or []
+    assert [e.kind for e in events] == ["cancelled"]
+    # Nothing of the cancelled job counts against the limits any more.
+    await store.admit(1000)
+    assert await store.cancel("0" * 32) is None
+
+
+async def test_a_finished_job_cannot_be_cancelled(store: JobStore) -> None:
+    summary, _ = await store.create([ERROR])
+    assert await store.cancel(summary["job_id"]) is JobStatus.FAILED
+
+
+async def test_an_idempotency_key_returns_the_same_job(store: JobStore) -> None:
+    first, created = await store.create([b"a"], idempotency_key="client-42")
+    again, created_again = await store.create([b"a"], idempotency_key="client-42")
+    other, _ = await store.create([b"a"], idempotency_key="client-43")
+    assert created
+    assert not created_again
+    assert again["job_id"] == first["job_id"]
+    assert other["job_id"] != first["job_id"]
+    assert len(await take_all(store, 2)) == 2
+    assert await store.take(5, 0.2) == []
+
+
+async def test_released_items_are_handed_out_again(store: JobStore) -> None:
+    await store.create([b"a", b"b"])
+    items = await take_all(store, 2)
+    await store.release(items)
+    again = await take_all(store, 2)
+    assert sorted(item.data or b"" for item in again) == [b"a", b"b"]
+
+
+async def test_keep_alive_reports_ended_jobs(store: JobStore) -> None:
+    await store.create([b"a"])
+    ended, _ = await store.create([b"b"])
+    items = await take_all(store, 2)
+    await store.cancel(ended["job_id"])
+    assert await store.keep_alive(items) == [ended["job_id"]]
+
+
+async def test_the_feed_wakes_watchers_of_a_changed_job(store: JobStore) -> None:
+    summary, _ = await store.create([b"a"])
+    job_id = summary["job_id"]
+    watch = store.feed.watch(job_id)
+    try:
+        item = (await take_all(store, 1))[0]
+        await store.record(item, {"ok": 1}, ok=True)
+        assert await store.feed.wait(watch, 5)
+    finally:
+        store.feed.forget(job_id, watch)
+    assert len(store.feed) == 0
+
+
+async def test_finished_jobs_expire_after_the_ttl(
+    store: JobStore, request: pytest.FixtureRequest
+) -> None:
+    kind = "redis" if isinstance(store, RedisJobStore) else "memory"
+    redis = request.getfixturevalue("redis_service") if kind == "redis" else None
+    short = open_store(kind, redis, ttl_s=1)
+    await short.start()
+    try:
+        summary, _ = await short.create([b"a"], idempotency_key="k")
+        item = (await take_all(short, 1))[0]
+        await short.record(item, {"ok": 1}, ok=True)
+        assert await short.get(summary["job_id"]) is not None
+        await asyncio.sleep(1.5)
+        assert await short.get(summary["job_id"]) is None
+        assert await short.events(summary["job_id"], 0) is None
+        if isinstance(short, RedisJobStore):
+            assert redis is not None
+            with redis.client() as client:
+                left = {key.decode() for key in client.keys(f"{short.prefix}:*")}
+                assert client.xlen(short.work_key) == 0
+            # Only the shared work stream and counters stay; nothing of the job does.
+            shared = {f"{short.prefix}:{name}" for name in ("work", "queued_items", "queued_bytes")}
+            assert left <= shared, left
+    finally:
+        await short.close()
