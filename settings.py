@@ -69,10 +69,35 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_job_files: int = Field(1000, ge=1, description="Images in one POST /jobs.")
     max_job_bytes: int = Field(256 * 1024 * 1024, ge=1, description="Body of one POST /jobs.")
-    max_jobs: int = Field(100, ge=1, description="Jobs held at once, finished ones included.")
-    job_ttl_s: float = Field(3600.0, gt=0, description="A finished job is kept this long.")
+    max_jobs: int = Field(100, ge=1, description="Jobs queued or running at once, all replicas.")
+    max_queued_job_items: int = Field(
+        100_000, ge=1, description="Job images waiting to be computed, all replicas."
+    )
+    max_queued_job_bytes: int = Field(
+        1024 * 1024 * 1024, ge=1, description="Bytes of job images waiting, all replicas."
+    )
+    job_ttl_s: float = Field(3600.0, ge=1, description="A finished job is kept this long.")
     job_concurrency: int = Field(
         0, ge=0, description="Job items in flight at once; 0: 4 on CPU, 2 batches on CUDA."
+    )
+    job_min_share: float = Field(
+        0.05, ge=0, lt=1, description="Least share of the model that waiting job items get."
+    )
+    job_store: Literal["memory", "redis"] = Field(
+        "memory", description="memory: one process; redis: shared by workers and replicas."
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="The Redis of JOB_STORE=redis.")
+    redis_prefix: str = Field(
+        "microbatch", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Prefix of every Redis key."
+    )
+    redis_timeout_s: float = Field(
+        0.5, gt=0, le=30, description="Seconds a Redis command may take before 503."
+    )
+    job_claim_idle_s: float = Field(
+        60.0, ge=1, description="A job item silent this long is taken over by another replica."
+    )
+    job_max_deliveries: int = Field(
+        3, ge=1, description="Deliveries of one job item before it is recorded as an error."
     )
     sse_heartbeat_s: float = Field(5.0, gt=0, description="Comment line interval on SSE.")
     max_image_pixels: int = Field(40_000_000, ge=1)
@@ -108,6 +133,17 @@ class Settings(BaseSettings):
         """Whole seconds a stopping worker waits for in-flight requests, which end by
         TIMEOUT at the latest."""
         return math.ceil(self.timeout) + 1
+
+    @property
+    def jobs_disabled_reason(self) -> str | None:
+        """Why /jobs cannot work in this configuration, or None."""
+        if self.job_store == "memory" and self.workers > 1:
+            return (
+                f"jobs are disabled: JOB_STORE=memory keeps each job in one of the"
+                f" WORKERS={self.workers} processes, so another worker would answer 404 for"
+                " it; set JOB_STORE=redis and REDIS_URL, or WORKERS=1"
+            )
+        return None
 
     @property
     def gunicorn_bind(self) -> str:

@@ -9,7 +9,7 @@ from api.exceptions import InferenceFailed, NotReady
 from api.limits import BodyTooLarge
 from batching import BatcherClosed, DeadlineExceeded, QueueFull
 from classification import BadImage, ImageTooLarge, UnsupportedImage
-from jobs import StoreFull
+from jobs import StoreFull, StoreUnavailable
 
 
 class ClientDisconnected(Exception):
@@ -26,11 +26,8 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (UnsupportedImage, 415, ""),
     (BadImage, 400, "; check that the file is a complete image"),
     (QueueFull, 503, "; the server is at capacity, retry after the Retry-After seconds"),
-    (
-        StoreFull,
-        503,
-        f"; wait for jobs to finish or expire (JOB_TTL_S), retry in {RETRY_AFTER_S} s",
-    ),
+    (StoreFull, 503, "; wait for running jobs to finish, retry after the Retry-After seconds"),
+    (StoreUnavailable, 503, "; jobs are unavailable for now, /cls still works; retry later"),
     (BatcherClosed, 503, "; the server is shutting down, retry on another replica"),
     (NotReady, 503, f"; retry in {RETRY_AFTER_S} s"),
     (DeadlineExceeded, 504, "; the server is overloaded or TIMEOUT is too short, retry later"),

@@ -14,12 +14,36 @@ from api.errors import describe
 from api.exceptions import InferenceFailed, NotReady
 from api.metrics import PrometheusObserver
 from api.schemas import Classification
-from batching import BatcherError, DeadlineExceeded, MicroBatcher, QueueFull, RunningMean
+from batching import (
+    BatcherClosed,
+    BatcherError,
+    DeadlineExceeded,
+    MicroBatcher,
+    QueueFull,
+    RunningMean,
+)
 from classification import Classifier, ClassifyInput, ClassScore, load_model
-from jobs import InMemoryJobStore, JobRunner
+from jobs import HandBack, JobRunner, JobStore, MemoryJobStore, RedisJobStore, StoreLimits
 from settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+def open_job_store(settings: Settings) -> JobStore:
+    """The store JOB_STORE names, with the limits that hold across all replicas."""
+    limits = StoreLimits(
+        settings.max_jobs, settings.max_queued_job_items, settings.max_queued_job_bytes
+    )
+    if settings.job_store == "redis":
+        return RedisJobStore(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            limits=limits,
+            ttl_s=settings.job_ttl_s,
+            timeout_s=settings.redis_timeout_s,
+            claim_idle_s=settings.job_claim_idle_s,
+        )
+    return MemoryJobStore(limits=limits, ttl_s=settings.job_ttl_s)
 
 
 class Runtime:
@@ -40,11 +64,15 @@ class Runtime:
         self._decode_seconds = RunningMean()
         self.decode_rejected_full = 0
         self._warmup_task: asyncio.Task[None] | None = None
+        self.job_store = open_job_store(settings)
+        self.jobs_disabled = settings.jobs_disabled_reason
         self.jobs = JobRunner(
-            InMemoryJobStore(settings.max_jobs, settings.job_ttl_s),
+            self.job_store,
             self._classify_job_item,
             describe,
-            settings.job_concurrency or 4,
+            concurrency=settings.job_concurrency or 4,
+            max_deliveries=settings.job_max_deliveries,
+            keep_alive_s=settings.job_claim_idle_s / 3,
         )
 
     async def start(self) -> None:
@@ -82,8 +110,13 @@ class Runtime:
             observer=PrometheusObserver(),
             priorities=2,
             shed_late=settings.shed_late_requests,
+            min_share=settings.job_min_share,
         )
         self.batcher.start()
+        if self.jobs_disabled:
+            logger.warning("%s", self.jobs_disabled)
+        else:
+            await self.job_store.start()
         self._warmup_task = asyncio.create_task(self._warm_up(), name="warmup")
         self._warmup_task.add_done_callback(self._on_warmup_done)
 
@@ -100,6 +133,8 @@ class Runtime:
         # Shedding works from the first request, not only after the first batch.
         self.batcher.expect_seconds_per_item(report["seconds_per_item"])
         self.warmed_up.set()
+        if not self.jobs_disabled and not self.stopping.is_set():
+            self.jobs.start()
 
     def _on_warmup_done(self, task: "asyncio.Task[None]") -> None:
         if not task.cancelled() and (error := task.exception()) is not None:
@@ -107,20 +142,28 @@ class Runtime:
             logger.error("warm-up failed; the server stays unready", exc_info=error)
 
     def begin_shutdown(self) -> None:
-        """Turns readiness off so load balancers move away, and ends event streams;
-        requests in flight, or arriving on connections already open, are still served
-        until ``stop``. Safe to call from a signal handler."""
-        self._loop.call_soon_threadsafe(self.stopping.set)
+        """Turns readiness off so load balancers move away, ends event streams and takes
+        no more job items; requests in flight, or arriving on connections already open,
+        are still served until ``stop``. Safe to call from a signal handler."""
+        self._loop.call_soon_threadsafe(self._stop_taking_work)
+
+    def _stop_taking_work(self) -> None:
+        self.stopping.set()
+        self.job_store.feed.close()
+        self.jobs.stop_taking()
 
     async def stop(self) -> None:
-        """Refuses new work, drains the batcher within DRAIN_TIMEOUT, and frees threads."""
-        self.stopping.set()
-        await self.jobs.stop()
+        """Refuses new work; finishes or hands back job items and drains the batcher,
+        together within DRAIN_TIMEOUT; frees threads. Jobs are never cancelled."""
+        self._stop_taking_work()
+        drain_until = self._loop.time() + self.settings.drain_timeout
+        await self.jobs.stop(self.settings.drain_timeout / 2)
+        await self.job_store.close()
         if self._warmup_task is not None and not self._warmup_task.done():
             self._warmup_task.cancel()
             await asyncio.wait([self._warmup_task])
         if self.batcher is not None:
-            await self.batcher.stop(self.settings.drain_timeout)
+            await self.batcher.stop(max(0.0, drain_until - self._loop.time()))
         for pool in (self._decode_pool, self._bulk_decode_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -182,7 +225,10 @@ class Runtime:
             raise InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}") from exc
 
     async def _classify_job_item(self, data: bytes) -> dict[str, Any]:
-        scores = await self.classify(data, self.settings.top_k, bulk=True)
+        try:
+            scores = await self.classify(data, self.settings.top_k, bulk=True)
+        except BatcherClosed as exc:
+            raise HandBack(str(exc)) from exc
         return Classification.from_scores(scores).model_dump()
 
     async def _decode(self, data: bytes, deadline: float | None, bulk: bool) -> np.ndarray:
@@ -231,5 +277,12 @@ class Runtime:
                 "workers": self.decode_workers,
                 "in_flight": self._decoding,
                 "rejected_full": self.decode_rejected_full,
+            },
+            "jobs": {
+                "store": settings.job_store,
+                "disabled": self.jobs_disabled,
+                "concurrency": self.jobs.concurrency,
+                "in_flight": self.jobs.in_flight,
+                "event_stream_watchers": len(self.job_store.feed),
             },
         }

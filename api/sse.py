@@ -4,41 +4,48 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from jobs import Job, JobEvent
+from jobs import JobEvent, JobStore, StoreUnavailable
 
 
 def encode(event: JobEvent) -> str:
     return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.data)}\n\n"
 
 
+def _shutdown(detail: str) -> str:
+    return f"event: shutdown\ndata: {json.dumps({'detail': detail})}\n\n"
+
+
 async def job_events(
-    job: Job, after: int, stopping: asyncio.Event, heartbeat_s: float
+    store: JobStore, job_id: str, after: int, stopping: asyncio.Event, heartbeat_s: float
 ) -> AsyncIterator[str]:
-    """Every event of ``job`` with an id above ``after``, as they happen, ending with the
-    final one; a comment line every ``heartbeat_s`` while nothing happens. When the
-    server shuts down, a ``shutdown`` event tells the client to reconnect elsewhere."""
+    """Every event of the job with an id above ``after``, as they happen, ending with
+    the final one, which a client resuming after the end also gets; a comment line every
+    ``heartbeat_s`` while nothing happens. When the server shuts down, a ``shutdown``
+    event tells the client to reconnect elsewhere. Leaves nothing behind when the client
+    goes away."""
+    feed = store.feed
     sent = after
-    delivered_final = False
+    read_from = max(after - 1, 0)  # the event at ``after`` itself, to tell if it was final
     while True:
-        changed = job.changed
-        for event in job.events[sent:]:
-            yield encode(event)
-            sent = event.id
-            delivered_final = event is job.final_event()
-        if job.finished:
-            final = job.final_event()
-            if not delivered_final and final is not None:
-                yield encode(final)  # a client resuming after the end still gets the ending
-            return
-        if stopping.is_set():
-            data = {"status": job.status.value, "detail": "server shutting down; reconnect"}
-            yield f"event: shutdown\ndata: {json.dumps(data)}\n\n"
-            return
-        waiters = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(stopping.wait())]
-        done, pending = await asyncio.wait(
-            waiters, timeout=heartbeat_s, return_when=asyncio.FIRST_COMPLETED
-        )
-        for waiter in pending:
-            waiter.cancel()
-        if not done:
-            yield ": heartbeat\n\n"
+        watch = feed.watch(job_id)
+        try:
+            try:
+                events = await store.events(job_id, read_from)
+            except StoreUnavailable:
+                events = []  # keep the stream open; the next heartbeat reads again
+            if events is None:
+                return  # the job expired while the client watched
+            for event in events:
+                if event.id > sent or (event.id == sent and event.final):
+                    yield encode(event)
+                sent = max(sent, event.id)
+                if event.final:
+                    return
+            read_from = sent
+            if stopping.is_set():
+                yield _shutdown("the server is shutting down; reconnect with Last-Event-ID")
+                return
+            if not await feed.wait(watch, heartbeat_s):
+                yield ": heartbeat\n\n"
+        finally:
+            feed.forget(job_id, watch)

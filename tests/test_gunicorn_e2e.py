@@ -138,6 +138,12 @@ async def test_metrics_count_every_request_across_workers(tmp_path: Path, worker
         if workers == 2:
             served_by = set(re.findall(r"INFO (\d+) access: POST /cls 200", server.output()))
             assert len(served_by) == 2, "one worker served everything; the sum proves nothing"
+            # Jobs in one worker's memory would answer 404 on the other: refused instead.
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                response = await client.post("/jobs", files=[("files", ("c.jpg", CAT))])
+            assert response.status_code == 503
+            assert "WORKERS=2" in response.json()["detail"]
+            assert "JOB_STORE=redis" in response.json()["detail"]
 
 
 def test_one_log_line_per_request_with_the_request_id_echoed(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 import base64
 import json
 import signal
+import socket
 import statistics
 import time
 from collections.abc import Iterator
@@ -199,6 +200,17 @@ def test_sse_resumes_from_last_event_id_without_losing_events(jobs_server: Serve
     assert [kind for _, kind, _ in again] == ["done"]
 
 
+def test_a_malformed_last_event_id_is_a_400(jobs_server: Server) -> None:
+    job = submit(jobs_server, photos(["coffee"]))
+    for bad in ("²".encode(), b"9" * 5000, b"-1", b"abc"):
+        response = httpx.get(
+            f"{jobs_server.url}/jobs/{job['job_id']}/events",
+            headers={"Last-Event-ID": bad},
+        )
+        assert response.status_code == 400, bad
+        assert "Last-Event-ID" in response.json()["detail"]
+
+
 def test_unknown_job_is_404(jobs_server: Server) -> None:
     for method in ("GET", "DELETE"):
         response = httpx.request(method, f"{jobs_server.url}/jobs/nope")
@@ -259,38 +271,77 @@ def assert_default_backend_and_timed_batch_size(server: Server) -> None:
     assert table[str(chosen)] >= 0.95 * max(table.values())
 
 
-def test_ttl_expiry_max_jobs_and_max_files(tmp_path: Path) -> None:
-    env = {"JOB_TTL_S": "1", "MAX_JOBS": "2", "MAX_JOB_FILES": "3", "MAX_JOB_BYTES": "400000"}
+def send_headers_only(server: Server, path: str, content_length: int) -> bytes:
+    """Sends a request's headers, promising a body that never comes, and returns what
+    the server answers: only a server that answers before reading the body answers."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data;"
+            f" boundary=x\r\nContent-Length: {content_length}\r\n\r\n".encode()
+        )
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < int(
+            reply.lower().partition(b"content-length: ")[2].split(b"\r\n")[0] or 0
+        ):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        return reply
+
+
+def test_limits_ttl_and_finished_jobs_do_not_block(tmp_path: Path) -> None:
+    env = {
+        "JOB_TTL_S": "1",
+        "MAX_JOBS": "2",
+        "MAX_JOB_FILES": "200",
+        "MAX_JOB_BYTES": "8000000",
+        "MAX_QUEUED_JOB_BYTES": "12000000",
+        "JOB_CONCURRENCY": "1",
+    }
     with running_server(env, tmp_path / "server.log") as server:
         assert_default_backend_and_timed_batch_size(server)
-        huge = {"images": ["A" * 500_000]}
+        huge = {"images": ["A" * 8_100_000]}
         response = httpx.post(f"{server.url}/jobs", json=huge, timeout=30)
         assert response.status_code == 413
         assert "MAX_JOB_BYTES" in response.json()["detail"]
-        too_many = [("files", (f"{i}.jpg", photo_bytes("coffee"))) for i in range(4)]
+        too_many = [("files", (f"{i}.jpg", b"x")) for i in range(201)]
         response = httpx.post(f"{server.url}/jobs", files=too_many, timeout=30)
         assert response.status_code == 413
         assert "MAX_JOB_FILES" in response.json()["detail"]
 
-        first = submit(server, photos(["coffee"]))
-        submit(server, photos(["coffee"]))
-        full = httpx.post(f"{server.url}/jobs", files=[("files", ("c.jpg", b"x"))], timeout=30)
-        assert full.status_code == 503
-        assert full.headers["retry-after"] == "1"
-        assert "MAX_JOBS" in full.json()["detail"]
+        # 100 one-image jobs that finished do not block a new one.
+        finished = [submit(server, [("c.jpg", b"not an image")]) for _ in range(100)]
+        assert poll_until_finished(server, finished[-1]["job_id"])[-1]["status"] == "failed"
 
-        poll_until_finished(server, first["job_id"])
+        # Two live jobs of 100 photos (about 7 MB queued): MAX_JOBS and the queued
+        # bytes budget refuse more, before reading a body.
+        first = submit(server, photos(["coffee"]) * 100)
+        reply = send_headers_only(server, "/jobs", 6_000_000)
+        assert reply.startswith(b"HTTP/1.1 503"), reply
+        assert b"MAX_QUEUED_JOB_BYTES" in reply
+        second = submit(server, photos(["chelsea"]) * 10)
+        reply = send_headers_only(server, "/jobs", 1000)
+        assert reply.startswith(b"HTTP/1.1 503"), reply
+        assert b"MAX_JOBS" in reply
+        assert b"retry-after: 1" in reply.lower()
+
+        httpx.delete(f"{server.url}/jobs/{first['job_id']}")
+        poll_until_finished(server, second["job_id"])
         deadline = time.monotonic() + 30
         while httpx.get(f"{server.url}/jobs/{first['job_id']}").status_code != 404:
             assert time.monotonic() < deadline, "the job never expired"
             time.sleep(0.1)
-        # Expired jobs free their place.
-        assert (
-            httpx.post(
-                f"{server.url}/jobs", files=[("files", ("c.jpg", photo_bytes("coffee")))]
-            ).status_code
-            == 202
-        )
+        assert httpx.get(f"{server.url}/jobs/{finished[-1]['job_id']}").status_code == 404
+        meta = httpx.get(f"{server.url}/metadata").json()["jobs"]
+        assert meta == {
+            "store": "memory",
+            "disabled": None,
+            "concurrency": 1,
+            "in_flight": 0,
+            "event_stream_watchers": 0,
+        }
 
 
 @pytest.mark.anyio
