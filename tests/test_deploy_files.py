@@ -29,9 +29,9 @@ class ComposeLoader(yaml.SafeLoader):
 ComposeLoader.add_constructor("!reset", lambda loader, node: None)
 
 
-def compose(name: str) -> dict:  # type: ignore[type-arg]
+def compose(name: str, service: str = "classifier") -> dict:  # type: ignore[type-arg]
     text = (ROOT / name).read_text()
-    return yaml.load(text, Loader=ComposeLoader)["services"]["classifier"]
+    return yaml.load(text, Loader=ComposeLoader)["services"][service]
 
 
 def routes() -> set[str]:
@@ -126,3 +126,21 @@ def test_dockerfile_copies_every_module_the_app_imports() -> None:
                     needed.update(alias.name.split(".")[0] for alias in node.names)
     missing = {name for name in needed & local if name not in copied and f"{name}.py" not in copied}
     assert not missing, f"the image imports {missing} but the Dockerfile does not copy them"
+
+
+def test_the_scale_overlay_runs_redis_durably_behind_haproxy() -> None:
+    overlay = "docker-compose.scale.yml"
+    classifier = compose(overlay)
+    assert set(classifier["environment"]) <= SETTINGS
+    assert classifier["environment"]["JOB_STORE"] == "redis"
+    assert classifier["deploy"]["replicas"] >= 2
+    assert classifier["ports"] is None  # only the balancer publishes the port
+    redis_command = compose(overlay, "redis")["command"]
+    assert redis_command[redis_command.index("--appendonly") + 1] == "yes"
+    assert redis_command[redis_command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "redis-data:/data" in compose(overlay, "redis")["volumes"]
+    balancer = compose(overlay, "lb")
+    config = balancer["volumes"][0].split(":")[0]
+    assert (ROOT / config).is_file()
+    assert "option httpchk GET /health/ready" in (ROOT / config).read_text()
+    assert balancer["ports"] == ["5001:5001"]

@@ -1,0 +1,94 @@
+"""docker-compose.scale.yml's topology as local processes: Redis, two replicas and
+HAProxy running deploy/haproxy/haproxy.cfg, with a job pushed through the balancer."""
+
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from tests.images import photo_bytes
+from tests.server import ROOT, Server, free_port, stop
+from tests.services import redis_server, require
+from tests.test_jobs_redis_e2e import NAMES, replica_env, replicas, wait_for
+
+CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+
+
+def local_config(port: int, replicas: list[Server]) -> str:
+    """The deployed config with the local port and replicas in place of Docker's names."""
+    text = CONFIG.read_text()
+    assert "    bind :5001\n" in text
+    text = text.replace("    bind :5001\n", f"    bind 127.0.0.1:{port}\n")
+    template = next(line for line in text.splitlines() if "server-template" in line)
+    servers = [
+        f"    server replica{i} {server.url.removeprefix('http://')} check"
+        for i, server in enumerate(replicas)
+    ]
+    return text.replace(template, "\n".join(servers))
+
+
+@contextmanager
+def haproxy(config: Path, port: int) -> Iterator[str]:
+    program = require("haproxy")
+    check = subprocess.run([program, "-c", "-f", str(config)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    log = config.with_suffix(".log")
+    with log.open("wb") as out:
+        process = subprocess.Popen([program, "-db", "-f", str(config)], stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # up, with both replicas passing their health checks
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_a_job_goes_through_the_load_balancer(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as redis:
+        env = replica_env(redis, f"lb-{uuid.uuid4().hex[:6]}")
+        with replicas(env, tmp_path, 2) as servers:
+            port = free_port()
+            config = tmp_path / "haproxy.cfg"
+            config.write_text(local_config(port, servers))
+            with haproxy(config, port) as url:
+                lb = Server(servers[0].process, url, config.with_suffix(".log"))
+                names = NAMES * 10
+                files = [("files", (f"{n}.jpg", photo_bytes(n))) for n in names]
+                created = httpx.post(f"{url}/jobs", files=files, timeout=60).json()
+                events = []
+                with httpx.stream("GET", f"{url}/jobs/{created['job_id']}/events") as stream:
+                    for line in stream.iter_lines():
+                        if line.startswith("event: "):
+                            events.append(line[7:])
+                assert events == ["progress"] * len(names) + ["done"]
+                final = wait_for(lb, created["job_id"], "finished")
+                assert final["status"] == "succeeded"
+                labels = [r["prediction"]["label"] for r in final["results"]]
+                assert labels == [
+                    {"chelsea": "Egyptian cat", "coffee": "espresso", "rocket": "missile"}[n]
+                    for n in names
+                ]
+                # One replica drains: the balancer's health check takes it out, and every
+                # request still succeeds on the other.
+                stop(servers[1])
+                statuses = {
+                    httpx.post(
+                        f"{url}/cls", files={"file": ("c.jpg", photo_bytes("coffee"))}
+                    ).status_code
+                    for _ in range(20)
+                }
+                assert statuses == {200}
