@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev install-bench services run test lint typecheck pytest docker-check bench clean
+.PHONY: help install install-dev install-bench services run test lint typecheck pytest docker-check bench bench-jobs clean
 
 help:
 	@echo "make run    - create $(VENV) if needed, install what changed, serve on :5001"
@@ -52,8 +52,12 @@ pytest: install-dev services
 test: lint typecheck pytest
 
 # A benchmark, not a test: about five minutes, and the machine should be otherwise idle.
-bench: $(VENV)/.bench-installed
+bench: $(VENV)/.bench-installed services
 	$(PY) bench/run.py
+
+# Only the jobs section: /jobs with each store, the Redis store's cost per item.
+bench-jobs: install-dev services
+	$(PY) bench/job_store_bench.py
 
 # No Docker engine here: replay the Dockerfile's install steps and CMD instead.
 docker-check:

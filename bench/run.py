@@ -30,6 +30,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import job_store_bench  # noqa: E402  (bench/, first on the path when run as a script)
+
 from classification import Classifier, ClassifyInput, load_model  # noqa: E402
 from classification.backend import seconds_per_batch  # noqa: E402
 from settings import Settings  # noqa: E402
@@ -440,11 +442,14 @@ def main() -> None:
         print("overload ...", flush=True)
         report["overload"] = overload(images, work, max(args.duration, 10))
         report["servers"] |= servers([lit, *others], images, work, args.duration)
+        print("jobs ...", flush=True)
+        report["jobs"] = job_store_bench.run(work)
     report["targets"] = targets(report)
     stem = f"{datetime.date.today().isoformat()}-{report['machine']['host']}"
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
     chart(report, out_dir / f"{stem}.png")
-    (out_dir / f"{stem}.md").write_text(markdown(report, f"{stem}.png"))
+    jobs_section = job_store_bench.markdown(report["jobs"])
+    (out_dir / f"{stem}.md").write_text(markdown(report, f"{stem}.png") + "\n" + jobs_section)
     print(f"\nwrote bench/results/{stem}.md, .json and .png")
     for target, measured, met in report["targets"]:
         print(f"  {'met ' if met else 'MISS'} {target}: {measured}")

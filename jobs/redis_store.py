@@ -295,7 +295,8 @@ class RedisJobStore:
         claimed = await self._redis.xclaim(
             self.work_key, GROUP, self.consumer, self.claim_idle_ms, list(deliveries)
         )
-        logger.warning("took over %d job items from a replica that stopped", len(claimed))
+        if claimed:
+            logger.warning("took over %d job items from a replica that stopped", len(claimed))
         return [
             (entry_id, fields, deliveries[_text(entry_id)] + 1)
             for entry_id, fields in claimed

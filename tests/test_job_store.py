@@ -250,3 +250,18 @@ async def test_finished_jobs_expire_after_the_ttl(
             assert left <= shared, left
     finally:
         await short.close()
+
+
+async def test_an_evicting_redis_is_warned_about(
+    redis_service: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with redis_service.client() as client:
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        try:
+            store = open_store("redis", redis_service)
+            await store.start()
+            await store.close()
+        finally:
+            client.config_set("maxmemory-policy", "noeviction")
+    assert "maxmemory-policy is 'allkeys-lru'" in caplog.text
+    assert "noeviction" in caplog.text
