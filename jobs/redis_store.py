@@ -16,6 +16,7 @@ import os
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -34,6 +35,7 @@ GROUP = "replicas"
 # Images written before the job exists expire by themselves if the writer dies.
 _UNCLAIMED_DATA_TTL_S = 600
 _LUA = Path(__file__).with_name("lua")
+_RUNNING_CACHE = 1024
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -94,9 +96,11 @@ class RedisJobStore:
         common = (_LUA / "common.lua").read_text()
         self._scripts = {
             name: self._redis.register_script(common + (_LUA / f"{name}.lua").read_text())
-            for name in ("create", "record", "begin", "cancel", "release")
+            for name in ("create", "take", "record", "begin", "cancel", "release")
         }
         self._cancel_callbacks: list[CancelCallback] = []
+        # Jobs recently seen running: their items begin without a round trip.
+        self._running: OrderedDict[str, None] = OrderedDict()
         self._listener: asyncio.Task[None] | None = None
         self._next_reclaim = 0.0
 
@@ -246,6 +250,7 @@ class RedisJobStore:
 
     @_unavailable
     async def cancel(self, job_id: str) -> JobStatus | None:
+        self._running.pop(job_id, None)
         args = [self.prefix, job_id, now_iso(), self.ttl_s]
         status = await self._scripts["cancel"](keys=self._keys, args=args)
         return JobStatus(_text(status)) if status else None
@@ -253,36 +258,46 @@ class RedisJobStore:
     @_unavailable
     async def take(self, count: int, wait_s: float) -> list[WorkItem]:
         """Claims items idle past ``claim_idle_s`` first (their replica died), then reads
-        new ones."""
-        taken: list[tuple[Any, Any, int]] = []
-        if time.monotonic() >= self._next_reclaim:
-            self._next_reclaim = time.monotonic() + self.claim_idle_ms / 4000
-            taken += await self._reclaim(count)
-        if len(taken) < count:
-            try:
+        new ones, waiting only when there are none."""
+        try:
+            taken: list[WorkItem] = []
+            if time.monotonic() >= self._next_reclaim:
+                self._next_reclaim = time.monotonic() + self.claim_idle_ms / 4000
+                taken += await self._with_images(await self._reclaim(count))
+            if len(taken) < count:
+                args = [self.prefix, GROUP, self.consumer, count - len(taken)]
+                rows = await self._scripts["take"](keys=self._keys, args=args)
+                taken += [
+                    WorkItem(_text(job_id), int(index), data, 1, _text(entry_id))
+                    for entry_id, job_id, index, data in rows
+                ]
+            if not taken:
                 reply = await self._blocking.xreadgroup(
                     GROUP,
                     self.consumer,
                     {self.work_key: ">"},
-                    count=count - len(taken),
-                    block=0 if taken else max(1, round(wait_s * 1000)),
+                    count=count,
+                    block=max(1, round(wait_s * 1000)),
                 )
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                await self._ensure_group()  # Redis lost the group: it restarted empty
-                return []
-            for _stream, entries in reply or []:
-                taken += [(entry_id, fields, 1) for entry_id, fields in entries]
-        if not taken:
+                entries = reply[0][1] if reply else []
+                taken += await self._with_images([(i, fields, 1) for i, fields in entries])
+            return taken
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._ensure_group()  # Redis lost the group: it restarted empty
+            return []
+
+    async def _with_images(self, entries: list[tuple[Any, Any, int]]) -> list[WorkItem]:
+        if not entries:
             return []
         pipe = self._redis.pipeline(transaction=False)
-        for _entry_id, fields, _delivery in taken:
+        for _entry_id, fields, _delivery in entries:
             pipe.hget(f"{self._job_key(_text(fields[b'job']))}:data", fields[b"index"])
         images = await pipe.execute()
         return [
             WorkItem(_text(fields[b"job"]), int(fields[b"index"]), data, delivery, _text(entry_id))
-            for (entry_id, fields, delivery), data in zip(taken, images, strict=True)
+            for (entry_id, fields, delivery), data in zip(entries, images, strict=True)
         ]
 
     async def _reclaim(self, count: int) -> list[tuple[Any, Any, int]]:
@@ -305,8 +320,19 @@ class RedisJobStore:
 
     @_unavailable
     async def begin(self, item: WorkItem) -> bool:
+        """A job seen running needs no round trip: its cancellation reaches this replica
+        through ``on_cancel`` (or ``keep_alive``), and a result recorded for a job that
+        ended meanwhile is dropped by the record script."""
+        if item.job_id in self._running:
+            self._running.move_to_end(item.job_id)
+            return True
         args = [self.prefix, item.job_id, now_iso()]
-        return bool(await self._scripts["begin"](keys=self._keys, args=args))
+        live = bool(await self._scripts["begin"](keys=self._keys, args=args))
+        if live:
+            self._running[item.job_id] = None
+            if len(self._running) > _RUNNING_CACHE:
+                self._running.popitem(last=False)
+        return live
 
     @_unavailable
     async def record(self, item: WorkItem, result: ItemResult, *, ok: bool) -> None:
@@ -352,11 +378,14 @@ class RedisJobStore:
         for job_id in job_ids:
             pipe.hget(self._job_key(job_id), "status")
         _claimed, *statuses = await pipe.execute()
-        return [
+        ended = [
             job_id
             for job_id, status in zip(job_ids, statuses, strict=True)
             if status is None or _text(status) not in ("queued", "running")
         ]
+        for job_id in ended:
+            self._running.pop(job_id, None)
+        return ended
 
     def on_cancel(self, callback: CancelCallback) -> None:
         self._cancel_callbacks.append(callback)
@@ -380,6 +409,7 @@ class RedisJobStore:
                             continue
                         job_id = _text(message["data"])
                         if _text(message["channel"]) == cancelled:
+                            self._running.pop(job_id, None)
                             for callback in self._cancel_callbacks:
                                 callback(job_id)
                         self.feed.notify(job_id)

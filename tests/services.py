@@ -33,6 +33,8 @@ def require(program: str) -> str:
 class RedisServer:
     port: int
     directory: Path
+    # always: a test that kills Redis loses nothing; deployments use everysec.
+    fsync: str = "always"
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -52,7 +54,7 @@ class RedisServer:
             "--bind", "127.0.0.1",
             "--dir", str(self.directory),
             "--appendonly", "yes",
-            "--appendfsync", "always",
+            "--appendfsync", self.fsync,
             "--save", "",
             "--maxmemory-policy", "noeviction",
         ]  # fmt: skip
@@ -85,8 +87,8 @@ class RedisServer:
 
 
 @contextmanager
-def redis_server(directory: Path) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), directory)
+def redis_server(directory: Path, fsync: str = "always") -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), directory, fsync)
     server.start()
     try:
         yield server

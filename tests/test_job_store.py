@@ -31,14 +31,18 @@ def redis_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
 
 
 def open_store(
-    kind: str, redis: RedisServer | None, limits: StoreLimits = LIMITS, ttl_s: float = 60
+    kind: str,
+    redis: RedisServer | None,
+    limits: StoreLimits = LIMITS,
+    ttl_s: float = 60,
+    prefix: str | None = None,
 ) -> JobStore:
     if kind == "memory":
         return MemoryJobStore(limits=limits, ttl_s=ttl_s)
     assert redis is not None
     return RedisJobStore(
         redis.url,
-        prefix=f"test-{uuid.uuid4().hex[:8]}",  # a fresh namespace per test
+        prefix=prefix or f"test-{uuid.uuid4().hex[:8]}",  # a fresh namespace per test
         limits=limits,
         ttl_s=ttl_s,
         timeout_s=2.0,
@@ -265,3 +269,27 @@ async def test_an_evicting_redis_is_warned_about(
             client.config_set("maxmemory-policy", "noeviction")
     assert "maxmemory-policy is 'allkeys-lru'" in caplog.text
     assert "noeviction" in caplog.text
+
+
+async def test_kept_alive_items_stay_and_silent_ones_are_taken_over(
+    redis_service: RedisServer,
+) -> None:
+    prefix = f"pair-{uuid.uuid4().hex[:8]}"  # two replicas of one deployment
+    working, other = (open_store("redis", redis_service, prefix=prefix) for _ in range(2))
+    for store in (working, other):
+        await store.start()
+    try:
+        await working.create([b"slow"])
+        (item,) = await take_all(working, 1)
+        # Waiting long behind /cls traffic, but alive: claim time 0.3 s, kept for 1.2 s.
+        for _ in range(12):
+            await asyncio.sleep(0.1)
+            assert await working.keep_alive([item]) == []
+            assert await other.take(1, 0.01) == []
+        # Silent from now on, as if the replica had died.
+        await asyncio.sleep(0.4)
+        (taken_over,) = await other.take(1, 0.5)
+        assert (taken_over.index, taken_over.data, taken_over.delivery) == (0, b"slow", 2)
+    finally:
+        for store in (working, other):
+            await store.close()

@@ -1,0 +1,17 @@
+-- ARGV: prefix, group, consumer, count. Reads up to count new items with their images in
+-- one round trip: {entry id, job id, index, image or nil} each. Never blocks.
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
+  'STREAMS', WORK, '>')
+local taken = {}
+if not reply then
+  return taken
+end
+for _, entry in ipairs(reply[1][2]) do
+  local fields = {}
+  for pos = 1, #entry[2], 2 do
+    fields[entry[2][pos]] = entry[2][pos + 1]
+  end
+  local data = redis.call('HGET', ARGV[1] .. ':job:' .. fields.job .. ':data', fields.index)
+  table.insert(taken, {entry[1], fields.job, fields.index, data})
+end
+return taken
