@@ -1,13 +1,12 @@
 """Asynchronous jobs: many images, one id, results and progress over time."""
 
 from jobs.memory import MemoryJobStore
-from jobs.models import FINAL_STATUSES, ItemResult, JobEvent, JobStatus, WorkItem
+from jobs.models import ItemResult, JobEvent, JobStatus, WorkItem
 from jobs.redis_store import RedisJobStore
 from jobs.runner import HandBack, JobRunner
 from jobs.store import ChangeFeed, JobStore, StoreFull, StoreLimits, StoreUnavailable
 
 __all__ = [
-    "FINAL_STATUSES",
     "ChangeFeed",
     "HandBack",
     "ItemResult",

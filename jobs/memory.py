@@ -240,9 +240,5 @@ class MemoryJobStore:
             if job.idempotency_key is not None:
                 self._by_key.pop(job.idempotency_key, None)
 
-    def __len__(self) -> int:
-        self._expire()
-        return len(self._jobs)
-
 
 _ENDED = _Job(total=0, status=JobStatus.CANCELLED)

@@ -15,7 +15,6 @@ class JobStatus(StrEnum):
 
 
 LIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
-FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 FINAL_EVENT = {
     JobStatus.SUCCEEDED: "done",
     JobStatus.FAILED: "failed",

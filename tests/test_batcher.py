@@ -488,6 +488,20 @@ async def test_after_a_single_item_batch_an_idle_model_does_not_wait_for_company
     await batcher.stop(drain_timeout=1)
 
 
+async def bulk_items_behind_an_urgent_flood(
+    model: FakeModel, batcher: MicroBatcher[int, int]
+) -> list[int]:
+    """Bulk items 100 and 101, then urgent items 1 to 20, all queued while the model is
+    busy; returns the order in which the model computed them."""
+    blocker = await computing(model, batcher, item=0)
+    bulk = [asyncio.create_task(batcher.submit(i, priority=1)) for i in (100, 101)]
+    urgent = [asyncio.create_task(batcher.submit(i)) for i in range(1, 21)]
+    await asyncio.sleep(0.05)
+    model.release()
+    await asyncio.gather(blocker, *urgent, *bulk)
+    return model.seen
+
+
 async def test_bulk_items_get_their_minimum_share_under_saturating_urgent_load() -> None:
     model = FakeModel()
     batcher: MicroBatcher[int, int] = MicroBatcher(
@@ -499,15 +513,9 @@ async def test_bulk_items_get_their_minimum_share_under_saturating_urgent_load()
         min_share=0.25,
     )
     batcher.start()
-    blocker = await computing(model, batcher, item=0)
-    bulk = [asyncio.create_task(batcher.submit(i, priority=1)) for i in (100, 101)]
-    urgent = [asyncio.create_task(batcher.submit(i)) for i in range(1, 21)]
-    await asyncio.sleep(0.05)
-    model.release()
-    await asyncio.gather(blocker, *urgent, *bulk)
+    order = await bulk_items_behind_an_urgent_flood(model, batcher)
     # Urgent items alone would fill every batch until the 20th; with a quarter share
     # each bulk item runs after at most four urgent ones.
-    order = model.seen
     assert order.index(100) <= 6, model.batches
     assert order.index(101) - order.index(100) <= 6, model.batches
     await batcher.stop(drain_timeout=1)
@@ -516,11 +524,6 @@ async def test_bulk_items_get_their_minimum_share_under_saturating_urgent_load()
 async def test_without_a_minimum_share_urgent_items_always_go_first() -> None:
     model = FakeModel()
     batcher = make_batcher(model, max_batch_size=2, delay_s=0, queue=64, priorities=2)
-    blocker = await computing(model, batcher, item=0)
-    bulk = [asyncio.create_task(batcher.submit(i, priority=1)) for i in (100, 101)]
-    urgent = [asyncio.create_task(batcher.submit(i)) for i in range(1, 21)]
-    await asyncio.sleep(0.05)
-    model.release()
-    await asyncio.gather(blocker, *urgent, *bulk)
-    assert model.seen[-2:] == [100, 101], model.batches
+    order = await bulk_items_behind_an_urgent_flood(model, batcher)
+    assert order[-2:] == [100, 101], model.batches
     await batcher.stop(drain_timeout=1)
