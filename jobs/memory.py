@@ -5,7 +5,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jobs.models import (
@@ -32,7 +32,6 @@ class _Job:
     expires_at: float | None = None
     done: int = 0
     failed: int = 0
-    queued_bytes: int = 0
     idempotency_key: str | None = None
     results: list[ItemResult | None] = field(default_factory=list)
     events: list[JobEvent] = field(default_factory=list)
@@ -43,6 +42,9 @@ class _Job:
 
     def progress(self) -> dict[str, int]:
         return {"done": self.done, "failed": self.failed, "total": self.total}
+
+    def summary(self) -> dict[str, Any]:
+        return {"job_id": self.id, "status": self.status.value, "total": self.total}
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -101,21 +103,19 @@ class MemoryJobStore:
     ) -> tuple[dict[str, Any], bool]:
         self._expire()
         if idempotency_key is not None and (known := self._by_key.get(idempotency_key)):
-            job = self._jobs[known]
-            return {"job_id": job.id, "status": job.status.value, "total": job.total}, False
+            return self._jobs[known].summary(), False
         images = [(i, item) for i, item in enumerate(items) if isinstance(item, bytes)]
         nbytes = sum(len(data) for _, data in images)
         self._check_room(len(images), nbytes)
         job = _Job(total=len(items), idempotency_key=idempotency_key)
         job.results = [None] * job.total
-        summary = {"job_id": job.id, "status": job.status.value, "total": job.total}
+        summary = job.summary()
         self._jobs[job.id] = job
         if idempotency_key is not None:
             self._by_key[idempotency_key] = job.id
         self.live_jobs += 1
         self.queued_items += len(images)
         self.queued_bytes += nbytes
-        job.queued_bytes = nbytes
         self._data[job.id] = dict(images)
         for index, _ in images:
             self._work.append(WorkItem(job.id, index, None, 1, f"{job.id}:{index}"))
@@ -156,8 +156,7 @@ class MemoryJobStore:
         taken: list[WorkItem] = []
         while self._work and len(taken) < count:
             item = self._work.popleft()
-            data = self._data.get(item.job_id, {}).get(item.index)
-            taken.append(WorkItem(item.job_id, item.index, data, item.delivery, item.handle))
+            taken.append(replace(item, data=self._data.get(item.job_id, {}).get(item.index)))
         return taken
 
     async def begin(self, item: WorkItem) -> bool:
@@ -180,7 +179,7 @@ class MemoryJobStore:
 
     async def release(self, items: Sequence[WorkItem]) -> None:
         for item in reversed(items):
-            self._work.appendleft(WorkItem(item.job_id, item.index, None, 1, item.handle))
+            self._work.appendleft(replace(item, data=None))
         if items:
             self._signal_work()
 
@@ -199,7 +198,7 @@ class MemoryJobStore:
         job.failed += 0 if ok else 1
         data = self._data.get(job.id, {}).pop(index, None)
         if data is not None:
-            self._unqueue(job, 1, len(data))
+            self._unqueue(1, len(data))
         job.emit("progress", {"index": index, **job.progress(), "result": result})
         if job.done == job.total:
             self._finish(job, completion_status(job.failed, job.total))
@@ -211,14 +210,13 @@ class MemoryJobStore:
         job.expires_at = self._clock() + self.ttl_s
         self.live_jobs -= 1
         left = self._data.pop(job.id, {})
-        self._unqueue(job, len(left), sum(len(data) for data in left.values()))
+        self._unqueue(len(left), sum(len(data) for data in left.values()))
         job.emit(FINAL_EVENT[status], {"status": status.value, **job.progress()})
         self.feed.notify(job.id)
 
-    def _unqueue(self, job: _Job, items: int, nbytes: int) -> None:
+    def _unqueue(self, items: int, nbytes: int) -> None:
         self.queued_items -= items
         self.queued_bytes -= nbytes
-        job.queued_bytes -= nbytes
 
     def _signal_work(self) -> None:
         if self._work_added is not None:

@@ -15,15 +15,13 @@ ProcessItem = Callable[[bytes], Awaitable[ItemResult]]
 DescribeError = Callable[[BaseException], dict[str, Any]]
 
 TAKE_WAIT_S = 1.0
+MAX_BACKOFF_S = 5.0
 
 
 class HandBack(Exception):
     """Raised by ``process_item`` when this process cannot compute the item now (it is
     stopping): the item goes back to the store for another replica, not into the job's
     results as an error."""
-
-
-MAX_BACKOFF_S = 5.0
 
 
 class JobRunner:
