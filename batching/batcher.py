@@ -195,13 +195,7 @@ class MicroBatcher(Generic[In, Out]):
             return
         # A margin, since the estimate is an average and the deadline is a hard limit.
         if asyncio.get_running_loop().time() + 1.2 * wait > deadline:
-            self.stats.rejected_late += 1
-            self.observer.rejected("would_expire")
-            # Suggest coming back once the present backlog has been worked off.
-            raise QueueFull(
-                f"{self.name} is about {wait:.2f} s behind, past this deadline",
-                retry_after=max(1, math.ceil(wait)),
-            )
+            raise self._late(wait)
 
     def expected_wait(self, priority: int = 0, *, coming: int = 0) -> float | None:
         """Seconds until a new item of ``priority`` would have its result, estimated from
@@ -299,6 +293,48 @@ class MicroBatcher(Generic[In, Out]):
                     batch.append(pending)
                     return
 
+    def _shed_hopeless(self, batch: list[_Pending[In, Out]]) -> None:
+        """Refuses, as late, the queued items that the present pace can no longer compute
+        before their deadline: each would otherwise wait to time out. Admission judged
+        them on an older estimate; this keeps its promise when the model slows down (a
+        busier host, a cold cache) instead of answering them with a timeout.
+
+        The check is lenient (no margin, the running batch counted as done) so that it
+        refuses only items that are surely late."""
+        per_item = self._seconds_per_item.value
+        if per_item is None or not self.shed_late:
+            return
+        now = asyncio.get_running_loop().time()
+        ahead = len(batch)
+        shed = 0
+        for queue in self._queues:
+            live: list[_Pending[In, Out]] = []
+            for pending in queue:
+                done_at = now + (ahead + 1) * per_item
+                if pending.future.done():
+                    live.append(pending)  # dropped as cancelled when taken
+                elif pending.deadline is not None and done_at > pending.deadline:
+                    shed += 1
+                    _set_exception(pending.future, self._late(done_at - now))
+                else:
+                    ahead += 1
+                    live.append(pending)
+            if len(live) != len(queue):
+                queue.clear()
+                queue.extend(live)
+        if shed:
+            logger.debug("%s: refused %d queued items that could not be on time", self.name, shed)
+            self.observer.queue_depth(self.queue_depth)
+
+    def _late(self, wait: float) -> QueueFull:
+        """Counts a refusal as late; its Retry-After is when the backlog should be gone."""
+        self.stats.rejected_late += 1
+        self.observer.rejected("would_expire")
+        return QueueFull(
+            f"{self.name} is about {wait:.2f} s behind, past this deadline",
+            retry_after=max(1, math.ceil(wait)),
+        )
+
     def _purge_dead(self, queue: "deque[_Pending[In, Out]]") -> None:
         now = asyncio.get_running_loop().time()
         live = [p for p in queue if not self._is_dead(p, now)]
@@ -311,6 +347,7 @@ class MicroBatcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         batch: list[_Pending[In, Out]] = []
         self._forming = batch
+        self._shed_hopeless(batch)
         while not batch:
             self._take_live(batch)
             if not batch:
@@ -336,6 +373,7 @@ class MicroBatcher(Generic[In, Out]):
             await self._sleep(busy, wait_s=remaining if remaining > 0 else None)
         if self._running is not None:
             await asyncio.wait([self._running])
+            self._shed_hopeless(batch)
             self._make_room_for_urgent(batch)
         return batch
 

@@ -476,6 +476,32 @@ async def test_a_warm_up_measurement_makes_shedding_work_before_the_first_batch(
     await batcher.stop(drain_timeout=1)
 
 
+async def test_queued_items_the_slower_pace_cannot_finish_in_time_are_refused_early() -> None:
+    model = FakeModel()
+    loop = asyncio.get_running_loop()
+    batcher = make_batcher(model, max_batch_size=1, delay_s=0)
+    batcher.expect_seconds_per_item(0.01)
+    blocker = await computing(model, batcher)
+    started = loop.time()
+    deadline = started + 1.0
+    # Admitted at the seeded pace: ten items of 0.01 s are well within a second.
+    queued = [later(batcher, i, deadline=deadline) for i in range(10, 20)]
+    await asyncio.sleep(0.5)
+    model.release()  # one item took 0.5 s: the pace is now about 0.1 s per item
+    outcomes = await asyncio.gather(*queued, return_exceptions=True)
+    refused_at = loop.time()
+    await blocker
+    assert outcomes[0] == 20, outcomes
+    # The last ones cannot be done before the deadline: refused as late, before it.
+    assert all(isinstance(o, QueueFull) and "behind" in str(o) for o in outcomes[-5:]), outcomes
+    assert not any(isinstance(o, DeadlineExceeded) for o in outcomes), outcomes
+    assert refused_at < deadline
+    refused = [i for i, o in zip(range(10, 20), outcomes, strict=True) if isinstance(o, QueueFull)]
+    assert not set(refused) & set(model.seen)
+    assert batcher.stats.rejected_late == len(refused)
+    await batcher.stop(drain_timeout=1)
+
+
 async def test_after_a_single_item_batch_an_idle_model_does_not_wait_for_company() -> None:
     model = FakeModel()
     loop = asyncio.get_running_loop()
