@@ -23,6 +23,8 @@ COPY batching/ batching/
 COPY classification/ classification/
 COPY api/ api/
 COPY jobs/ jobs/
+COPY serving/ serving/
+COPY examples/ examples/
 
 RUN useradd --system --uid 10001 --no-create-home app \
     && mkdir -p /var/cache/microbatch && chown app /var/cache/microbatch

@@ -12,10 +12,12 @@ from types import FrameType
 from fastapi import FastAPI
 
 from api.access_log import AccessLogMiddleware
-from api.errors import install_error_handlers
+from api.errors import describe, install_error_handlers
 from api.limits import BodySizeLimitMiddleware
-from api.routes import classify, health, jobs, metadata, metrics
-from api.runtime import Runtime
+from api.routes import health, jobs, metadata, metrics
+from api.routes.tasks import task_router
+from serving import Engine
+from serving.registry import load_tasks
 from settings import ConfigError, Settings, get_settings
 
 
@@ -36,7 +38,7 @@ def configure_logging(settings: Settings) -> None:
 
 
 @contextmanager
-def unready_on_termination(runtime: Runtime) -> Iterator[None]:
+def unready_on_termination(engine: Engine) -> Iterator[None]:
     """Turns readiness off the moment SIGTERM or SIGINT arrives, then lets the server's
     own handler begin its graceful shutdown."""
     if threading.current_thread() is not threading.main_thread():
@@ -45,7 +47,7 @@ def unready_on_termination(runtime: Runtime) -> Iterator[None]:
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(sig: int, frame: FrameType | None) -> None:
-        runtime.begin_shutdown()
+        engine.begin_shutdown()
         handler = previous[signal.Signals(sig)]
         if callable(handler):
             handler(sig, frame)
@@ -61,23 +63,26 @@ def unready_on_termination(runtime: Runtime) -> Iterator[None]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app serving the tasks TASKS names. Raises ValueError naming TASKS when a task
+    cannot be imported or does not implement the interface."""
     settings = settings or get_settings()
+    tasks = load_tasks(settings.tasks)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(settings)
-        app.state.runtime = runtime
+        engine = Engine(settings, describe)
+        app.state.engine = engine
         try:
-            await runtime.start()
-            with unready_on_termination(runtime):
+            await engine.start(tasks)
+            with unready_on_termination(engine):
                 yield
         finally:
-            await runtime.stop()
+            await engine.stop()
 
     configure_logging(settings)
     app = FastAPI(
-        title="Micro-batching image classifier",
-        summary="Concurrent callers share one model through an asyncio micro-batcher.",
+        title="Micro-batching inference server",
+        summary="Concurrent callers share each model through an asyncio micro-batcher.",
         version="0.1.0",
         lifespan=lifespan,
     )
@@ -85,11 +90,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_bytes=settings.max_upload_bytes,
-        per_path={"/jobs": (settings.max_job_bytes, "MAX_JOB_BYTES")},
+        per_path={
+            path: (settings.max_job_bytes, "MAX_JOB_BYTES")
+            for path in ["/jobs", *(f"/{task.name}/jobs" for task in tasks)]
+        },
     )
     app.add_middleware(AccessLogMiddleware)
     install_error_handlers(app)
-    for router in (classify.router, jobs.router, health.router, metadata.router, metrics.router):
+    for task in tasks:
+        app.include_router(task_router(task))
+    for router in (jobs.router, health.router, metadata.router, metrics.router):
         app.include_router(router)
     return app
 
@@ -100,10 +110,11 @@ def run() -> None:
 
     try:
         settings = get_settings()
-    except ConfigError as exc:
+        app = create_app(settings)
+    except (ConfigError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

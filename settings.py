@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     max_requests: int = Field(0, ge=0, description="Restart a worker after this many; 0 never.")
     max_requests_jitter: int = Field(0, ge=0)
 
+    tasks: str = Field(
+        "classification.task:ImageClassification",
+        min_length=1,
+        description="Tasks served, as package.module:Class, comma-separated; each is POST /{name}.",
+    )
     model: str = Field(
         "efficientnet_lite0",
         min_length=1,

@@ -4,13 +4,13 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from api.runtime import Runtime
+from serving import Engine
 
 
-async def get_runtime(request: Request) -> Runtime:
+async def get_engine(request: Request) -> Engine:
     # async: FastAPI would run a plain def in a worker thread, a thread hop per request.
-    runtime: Runtime = request.app.state.runtime
-    return runtime
+    engine: Engine = request.app.state.engine
+    return engine
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+EngineDep = Annotated[Engine, Depends(get_engine)]

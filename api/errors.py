@@ -5,11 +5,10 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from api.exceptions import InferenceFailed, NotReady
 from api.limits import BodyTooLarge
 from batching import BatcherClosed, DeadlineExceeded, QueueFull
-from classification import BadImage, ImageTooLarge, UnsupportedImage
 from jobs import StoreFull, StoreUnavailable
+from serving import InferenceFailed, InputError, NotReady
 
 
 class ClientDisconnected(Exception):
@@ -19,12 +18,10 @@ class ClientDisconnected(Exception):
 RETRY_AFTER_S = 1
 
 # (exception, status, what the caller should do). Starlette picks the handler of the
-# most specific class in the exception's MRO.
+# most specific class in the exception's MRO. An InputError carries its own status.
 _MAPPING: list[tuple[type[Exception], int, str]] = [
     (BodyTooLarge, 413, ""),
-    (ImageTooLarge, 413, "; send a smaller image"),
-    (UnsupportedImage, 415, ""),
-    (BadImage, 400, "; check that the file is a complete image"),
+    (InputError, 400, ""),
     (QueueFull, 503, "; the server is at capacity, retry after the Retry-After seconds"),
     (StoreFull, 503, "; wait for running jobs to finish, retry after the Retry-After seconds"),
     (StoreUnavailable, 503, "; jobs are unavailable for now, /cls still works; retry later"),
@@ -36,9 +33,11 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
 
 
 def describe(exc: BaseException) -> dict[str, int | str]:
-    """The ``{"status", "detail"}`` a caller would get for ``exc`` from /cls."""
+    """The ``{"status", "detail"}`` a caller would get for ``exc`` from a task route."""
     for exc_type, status, advice in _MAPPING:
         if isinstance(exc, exc_type):
+            if isinstance(exc, InputError):
+                return {"status": exc.status, "detail": f"{exc}{exc.advice}"}
             return {"status": status, "detail": f"{exc}{advice}"}
     return {"status": 500, "detail": f"internal error: {type(exc).__name__}; see the server log"}
 
@@ -53,6 +52,11 @@ def _handler(status: int, advice: str) -> Callable[[Request, Exception], Awaitab
     return handle
 
 
+async def _input_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, InputError)
+    return JSONResponse({"detail": f"{exc}{exc.advice}"}, exc.status)
+
+
 async def _client_gone(request: Request, exc: Exception) -> Response:
     # Nobody reads this; 499 (as nginx logs it) keeps the access log honest.
     return Response(status_code=499)
@@ -61,4 +65,5 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 def install_error_handlers(app: FastAPI) -> None:
     for exc_type, status, advice in _MAPPING:
         app.add_exception_handler(exc_type, _handler(status, advice))
+    app.add_exception_handler(InputError, _input_error)
     app.add_exception_handler(ClientDisconnected, _client_gone)

@@ -7,7 +7,6 @@ dedicated worker thread so the event loop keeps serving while a batch computes.
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -15,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from batching.admission import Admission
 from batching.errors import (
     BatcherClosed,
     BatcherError,
@@ -23,7 +23,7 @@ from batching.errors import (
     QueueFull,
 )
 from batching.observer import BatcherObserver
-from batching.stats import BatcherStats, RunningMean
+from batching.stats import BatcherStats
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +107,8 @@ class MicroBatcher(Generic[In, Out]):
         self._running: asyncio.Future[Sequence[Out | BaseException]] | None = None
         self._running_batch: list[_Pending[In, Out]] = []
         self._forming: list[_Pending[In, Out]] = []
-        self._seconds_per_item = RunningMean()
+        self.admission = Admission(name, self.stats, self.observer, enabled=shed_late)
         self._last_batch_size = 0
-        self.shed_late = shed_late
         self.min_share = min_share
         self._since_lower = 0  # items computed since the last one of a priority above 0
 
@@ -124,8 +123,7 @@ class MicroBatcher(Generic[In, Out]):
     def expect_seconds_per_item(self, seconds: float) -> None:
         """Starts the estimate behind ``expected_wait`` from a measurement made before the
         first batch, such as a warm-up's, so that admission works from the first request."""
-        if self._seconds_per_item.value is None:
-            self._seconds_per_item.add(seconds)
+        self.admission.expect(seconds)
 
     def start(self) -> None:
         """Starts the batch loop on the running event loop."""
@@ -190,25 +188,18 @@ class MicroBatcher(Generic[In, Out]):
         (see ``expected_wait``). ``submit`` checks this; a caller can check it earlier,
         before costly preparation of the item, counting as ``coming`` the items it has
         already let through that will be submitted ahead of this one."""
-        wait = self.expected_wait(priority, coming=coming)
-        if deadline is None or wait is None or not self.shed_late:
-            return
-        # A margin, since the estimate is an average and the deadline is a hard limit.
-        if asyncio.get_running_loop().time() + 1.2 * wait > deadline:
-            raise self._late(wait)
+        now = asyncio.get_running_loop().time()
+        self.admission.check(deadline, self._ahead(priority) + coming, now)
 
     def expected_wait(self, priority: int = 0, *, coming: int = 0) -> float | None:
         """Seconds until a new item of ``priority`` would have its result, estimated from
         recent batches, with ``coming`` more items queued ahead of it; None before the
-        first batch. Callers with a deadline are refused up front when this exceeds it,
-        so that under overload the model spends its time on items that can still make
-        their deadline instead of on ones that cannot."""
-        per_item = self._seconds_per_item.value
-        if per_item is None:
-            return None
-        ahead = sum(len(queue) for queue in self._queues[: priority + 1])
-        ahead += len(self._forming) + len(self._running_batch) + coming
-        return (ahead + 1) * per_item
+        first batch."""
+        return self.admission.expected_wait(self._ahead(priority) + coming)
+
+    def _ahead(self, priority: int) -> int:
+        queued = sum(len(queue) for queue in self._queues[: priority + 1])
+        return queued + len(self._forming) + len(self._running_batch)
 
     async def stop(self, drain_timeout: float) -> None:
         """Stops accepting items, lets queued and running ones finish for up to
@@ -297,43 +288,25 @@ class MicroBatcher(Generic[In, Out]):
         """Refuses, as late, the queued items that the present pace can no longer compute
         before their deadline: each would otherwise wait to time out. Admission judged
         them on an older estimate; this keeps its promise when the model slows down (a
-        busier host, a cold cache) instead of answering them with a timeout.
-
-        The check is lenient (no margin, the running batch counted as done) so that it
-        refuses only items that are surely late."""
-        per_item = self._seconds_per_item.value
-        if per_item is None or not self.shed_late:
-            return
+        busier host, a cold cache) instead of answering them with a timeout. The running
+        batch is counted as done, so only the surely late are refused."""
         now = asyncio.get_running_loop().time()
         ahead = len(batch)
-        shed = 0
         for queue in self._queues:
             live: list[_Pending[In, Out]] = []
             for pending in queue:
-                done_at = now + (ahead + 1) * per_item
-                if pending.future.done():
-                    live.append(pending)  # dropped as cancelled when taken
-                elif pending.deadline is not None and done_at > pending.deadline:
-                    shed += 1
-                    _set_exception(pending.future, self._late(done_at - now))
-                else:
+                wait = None
+                if not pending.future.done():  # a done one is dropped as cancelled
+                    wait = self.admission.hopeless(pending.deadline, ahead, now)
+                if wait is None:
                     ahead += 1
                     live.append(pending)
+                else:
+                    _set_exception(pending.future, self.admission.late(wait))
             if len(live) != len(queue):
                 queue.clear()
                 queue.extend(live)
-        if shed:
-            logger.debug("%s: refused %d queued items that could not be on time", self.name, shed)
-            self.observer.queue_depth(self.queue_depth)
-
-    def _late(self, wait: float) -> QueueFull:
-        """Counts a refusal as late; its Retry-After is when the backlog should be gone."""
-        self.stats.rejected_late += 1
-        self.observer.rejected("would_expire")
-        return QueueFull(
-            f"{self.name} is about {wait:.2f} s behind, past this deadline",
-            retry_after=max(1, math.ceil(wait)),
-        )
+                self.observer.queue_depth(self.queue_depth)
 
     def _purge_dead(self, queue: "deque[_Pending[In, Out]]") -> None:
         now = asyncio.get_running_loop().time()
@@ -422,7 +395,7 @@ class MicroBatcher(Generic[In, Out]):
 
         def finished(done: "asyncio.Future[Sequence[Out | BaseException]]") -> None:
             seconds = time.monotonic() - started
-            self._seconds_per_item.add(seconds / len(batch))
+            self.admission.batch_done(seconds, len(batch))
             self.observer.batch_done(queue_waits, seconds)
             self._resolve(batch, done)
 

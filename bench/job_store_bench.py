@@ -18,9 +18,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from harness.server import Server, free_port, launch, stop, wait_ready  # noqa: E402
+from harness.services import RedisServer, redis_server  # noqa: E402
 from jobs import JobRunner, JobStore, MemoryJobStore, RedisJobStore, StoreLimits  # noqa: E402
-from tests.server import Server, free_port, launch, stop, wait_ready  # noqa: E402
-from tests.services import RedisServer, redis_server  # noqa: E402
 
 PHOTOS = sorted((ROOT / "tests" / "data").glob("*.jpg"))
 JOB_IMAGES = 300

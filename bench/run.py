@@ -34,8 +34,8 @@ import job_store_bench  # noqa: E402  (bench/, first on the path when run as a s
 
 from classification import Classifier, ClassifyInput, load_model  # noqa: E402
 from classification.backend import seconds_per_batch  # noqa: E402
+from harness.server import Server, free_port, stop, wait_ready  # noqa: E402
 from settings import Settings  # noqa: E402
-from tests.server import Server, free_port, stop, wait_ready  # noqa: E402
 
 PHOTOS = sorted((ROOT / "tests" / "data").glob("*.jpg"))
 LONG_SIDES = (320, 640, 1024, 1600, 2400)

@@ -1,19 +1,26 @@
-"""Image classification: decoding, preprocessing, models and batched prediction."""
+"""Image tasks: decoding, preprocessing, models, classification and embeddings."""
 
 from classification.classifier import Classifier, ClassifyInput, ClassScore
+from classification.embedding import Embedder
 from classification.errors import BadImage, ImageError, ImageTooLarge, UnsupportedImage
+from classification.image_model import BackendMismatch, ImageModel
 from classification.models import DEFAULT_MODEL, LoadedModel, check_model_name, load_model
+from serving.warmup import choose_batch_size
 
 __all__ = [
     "DEFAULT_MODEL",
+    "BackendMismatch",
     "BadImage",
     "ClassScore",
     "Classifier",
     "ClassifyInput",
+    "Embedder",
     "ImageError",
+    "ImageModel",
     "ImageTooLarge",
     "LoadedModel",
     "UnsupportedImage",
     "check_model_name",
+    "choose_batch_size",
     "load_model",
 ]

@@ -1,9 +1,8 @@
-"""Inference backends: a uint8 NHWC batch in, class probabilities out.
+"""Inference backends: a uint8 NHWC batch in, the model's outputs out.
 
 ``TorchBackend`` here, ``OnnxBackend`` in onnx_backend.py; the seam is ``Backend``.
 """
 
-import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from classification.preprocess import Preprocess
+from serving.warmup import time_batches
 
 
 class Backend(Protocol):
@@ -19,24 +19,10 @@ class Backend(Protocol):
     device: torch.device
     preprocess: Preprocess
 
-    def probabilities(self, pixels: np.ndarray) -> torch.Tensor:
-        """Softmax scores, shape (N, classes), on the CPU, for a uint8 (N, H, W, 3) batch."""
+    def forward(self, pixels: np.ndarray) -> torch.Tensor:
+        """The model's float32 outputs, shape (N, ...), on the CPU, for a uint8
+        (N, H, W, 3) batch."""
         ...
-
-
-def resolve_device(requested: str) -> torch.device:
-    """Maps DEVICE (auto, cpu, cuda, cuda:N) to a device, or raises ValueError."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"DEVICE={requested!r} but CUDA is not available: use cpu or auto")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(
-                f"DEVICE={requested!r} but only {torch.cuda.device_count()} CUDA devices exist"
-            )
-    return device
 
 
 class TorchBackend:
@@ -66,7 +52,7 @@ class TorchBackend:
         self.module.to(memory_format=layout)
         self.channels_last = enabled
 
-    def probabilities(self, pixels: np.ndarray) -> torch.Tensor:
+    def forward(self, pixels: np.ndarray) -> torch.Tensor:
         batch = torch.from_numpy(pixels)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
@@ -74,29 +60,22 @@ class TorchBackend:
         if not self.channels_last:
             inputs = inputs.contiguous()
         with torch.inference_mode():
-            logits = self.module(inputs)
-        probabilities: torch.Tensor = logits.float().softmax(dim=1).cpu()
-        return probabilities
+            outputs: torch.Tensor = self.module(inputs).float().cpu()
+        return outputs
 
 
 def seconds_per_batch(
     backend: Backend, batch_sizes: Sequence[int], rounds: int = 5
 ) -> dict[int, float]:
-    """Best-of-``rounds`` wall time of one forward pass per batch size, on random pixels,
-    after one untimed pass per size (which also warms up that shape). Each round times
-    every size once, so a burst of load from elsewhere slows all sizes alike rather than
-    skewing the comparison between them."""
+    """Best-of-``rounds`` wall time of one forward pass per batch size, on random pixels
+    (see ``serving.warmup.time_batches``)."""
     size = backend.preprocess.crop_size
     rng = np.random.default_rng(0)
     batches = {n: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) for n in batch_sizes}
-    for pixels in batches.values():
-        backend.probabilities(pixels)
-    best = dict.fromkeys(batches, float("inf"))
-    for _ in range(rounds):
-        for n, pixels in batches.items():
-            started = time.perf_counter()
-            backend.probabilities(pixels)
-            if backend.device.type == "cuda":
-                torch.cuda.synchronize(backend.device)
-            best[n] = min(best[n], time.perf_counter() - started)
-    return best
+
+    def run(n: int) -> None:
+        backend.forward(batches[n])
+        if backend.device.type == "cuda":
+            torch.cuda.synchronize(backend.device)
+
+    return time_batches(run, batch_sizes, rounds)

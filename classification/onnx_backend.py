@@ -50,8 +50,8 @@ def exported_model(module: nn.Module, name: str, crop_size: int, cache_dir: Path
                 partial,
                 dynamo=False,
                 input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
                 opset_version=OPSET,
             )
     except Exception as exc:
@@ -87,12 +87,13 @@ class OnnxBackend:
         self.model_path = model_path
         self._mean = np.array(preprocess.mean, dtype=np.float32).reshape(1, 3, 1, 1)
         self._scale = 1 / np.array(preprocess.std, dtype=np.float32).reshape(1, 3, 1, 1)
+        self._output = self.session.get_outputs()[0].name
 
-    def probabilities(self, pixels: np.ndarray) -> torch.Tensor:
+    def forward(self, pixels: np.ndarray) -> torch.Tensor:
         # In place, one pass each: about 9x faster than the same arithmetic on temporaries.
         inputs = np.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=np.float32)
         np.copyto(inputs, pixels.transpose(0, 3, 1, 2))
         inputs -= self._mean
         inputs *= self._scale
-        [logits] = self.session.run(["logits"], {"input": inputs})
-        return torch.from_numpy(logits).softmax(dim=1)
+        [outputs] = self.session.run([self._output], {"input": inputs})
+        return torch.from_numpy(outputs)

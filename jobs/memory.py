@@ -24,6 +24,7 @@ from jobs.store import CancelCallback, ChangeFeed, StoreLimits
 @dataclass(eq=False)
 class _Job:
     total: int
+    task: str = ""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: JobStatus = JobStatus.QUEUED
     created_at: str = field(default_factory=now_iso)
@@ -49,6 +50,7 @@ class _Job:
     def snapshot(self) -> dict[str, Any]:
         return {
             "job_id": self.id,
+            "task": self.task,
             "status": self.status.value,
             "progress": self.progress(),
             "created_at": self.created_at,
@@ -99,7 +101,10 @@ class MemoryJobStore:
         self.limits.check(self.live_jobs, self.queued_items, self.queued_bytes, items, nbytes)
 
     async def create(
-        self, items: Sequence[bytes | ItemResult], idempotency_key: str | None = None
+        self,
+        items: Sequence[bytes | ItemResult],
+        idempotency_key: str | None = None,
+        task: str = "",
     ) -> tuple[dict[str, Any], bool]:
         self._expire()
         if idempotency_key is not None and (known := self._by_key.get(idempotency_key)):
@@ -107,7 +112,7 @@ class MemoryJobStore:
         images = [(i, item) for i, item in enumerate(items) if isinstance(item, bytes)]
         nbytes = sum(len(data) for _, data in images)
         self._check_room(len(images), nbytes)
-        job = _Job(total=len(items), idempotency_key=idempotency_key)
+        job = _Job(total=len(items), task=task, idempotency_key=idempotency_key)
         job.results = [None] * job.total
         summary = job.summary()
         self._jobs[job.id] = job
@@ -118,7 +123,7 @@ class MemoryJobStore:
         self.queued_bytes += nbytes
         self._data[job.id] = dict(images)
         for index, _ in images:
-            self._work.append(WorkItem(job.id, index, None, 1, f"{job.id}:{index}"))
+            self._work.append(WorkItem(job.id, index, None, 1, f"{job.id}:{index}", task))
         for index, item in enumerate(items):
             if not isinstance(item, bytes):
                 self._record(job, index, item, ok=False)

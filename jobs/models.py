@@ -50,11 +50,11 @@ class JobEvent:
 
 @dataclass(frozen=True, slots=True)
 class WorkItem:
-    """One image of one job, handed to a replica to compute.
+    """One item of one job, handed to a replica to compute with the job's ``task``.
 
     ``delivery`` counts how many times the store has handed this item out, this time
     included: above 1 the item was taken over from a replica that stopped answering.
-    ``data`` is None when the job ended and its images were freed. ``handle`` is the
+    ``data`` is None when the job ended and its items were freed. ``handle`` is the
     store's own reference to the delivery.
     """
 
@@ -63,3 +63,4 @@ class WorkItem:
     data: bytes | None
     delivery: int
     handle: str
+    task: str = ""

@@ -159,7 +159,10 @@ class RedisJobStore:
 
     @_unavailable
     async def create(
-        self, items: Sequence[bytes | ItemResult], idempotency_key: str | None = None
+        self,
+        items: Sequence[bytes | ItemResult],
+        idempotency_key: str | None = None,
+        task: str = "",
     ) -> tuple[dict[str, Any], bool]:
         job_id = uuid.uuid4().hex
         images = {i: item for i, item in enumerate(items) if isinstance(item, bytes)}
@@ -193,6 +196,7 @@ class RedisJobStore:
             self.ttl_s,
             idem,
             nbytes,
+            task,
             len(images),
             *images,
             *errors,
@@ -220,6 +224,7 @@ class RedisJobStore:
             ordered[int(index)] = json.loads(result)
         return {
             "job_id": job_id,
+            "task": job.get("task", ""),
             "status": job["status"],
             "progress": {"done": int(job["done"]), "failed": int(job["failed"]), "total": total},
             "created_at": job["created_at"],
@@ -268,8 +273,8 @@ class RedisJobStore:
                 args = [self.prefix, GROUP, self.consumer, count - len(taken)]
                 rows = await self._scripts["take"](keys=self._keys, args=args)
                 taken += [
-                    WorkItem(_text(job_id), int(index), data, 1, _text(entry_id))
-                    for entry_id, job_id, index, data in rows
+                    WorkItem(_text(job_id), int(index), data, 1, _text(entry_id), _text(task))
+                    for entry_id, job_id, index, task, data in rows
                 ]
             if not taken:
                 reply = await self._blocking.xreadgroup(
@@ -296,7 +301,14 @@ class RedisJobStore:
             pipe.hget(f"{self._job_key(_text(fields[b'job']))}:data", fields[b"index"])
         images = await pipe.execute()
         return [
-            WorkItem(_text(fields[b"job"]), int(fields[b"index"]), data, delivery, _text(entry_id))
+            WorkItem(
+                _text(fields[b"job"]),
+                int(fields[b"index"]),
+                data,
+                delivery,
+                _text(entry_id),
+                _text(fields.get(b"task", b"")),
+            )
             for (entry_id, fields, delivery), data in zip(entries, images, strict=True)
         ]
 
@@ -363,7 +375,7 @@ class RedisJobStore:
         if items:
             args: list[Any] = [GROUP]
             for item in items:
-                args += [item.handle, item.job_id, item.index]
+                args += [item.handle, item.job_id, item.index, item.task]
             await self._scripts["release"](keys=self._keys, args=args)
 
     @_unavailable

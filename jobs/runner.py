@@ -11,7 +11,8 @@ from jobs.store import JobStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
-ProcessItem = Callable[[bytes], Awaitable[ItemResult]]
+ProcessItem = Callable[[WorkItem, bytes], Awaitable[ItemResult]]
+"""Computes a work item from its data (never None here)."""
 DescribeError = Callable[[BaseException], dict[str, Any]]
 
 TAKE_WAIT_S = 1.0
@@ -144,7 +145,7 @@ class JobRunner:
                 await self.store.discard(item)
                 return
             try:
-                result = await self.process_item(item.data)
+                result = await self.process_item(item, item.data)
             except asyncio.CancelledError:
                 raise
             except HandBack:

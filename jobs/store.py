@@ -125,12 +125,15 @@ class JobStore(Protocol):
         ...
 
     async def create(
-        self, items: Sequence[bytes | ItemResult], idempotency_key: str | None = None
+        self,
+        items: Sequence[bytes | ItemResult],
+        idempotency_key: str | None = None,
+        task: str = "",
     ) -> tuple[dict[str, Any], bool]:
-        """Stores a job of ``items`` (images, or the error result of an item that could not
-        be read) and queues its images. Returns its summary ``{"job_id", "status",
-        "total"}`` and whether it was created: False when ``idempotency_key`` names a job
-        already submitted. Raises StoreFull."""
+        """Stores a job of ``items`` for ``task`` (inputs, or the error result of an item
+        that could not be read) and queues its inputs. Returns its summary ``{"job_id",
+        "status", "total"}`` and whether it was created: False when ``idempotency_key``
+        names a job already submitted. Raises StoreFull."""
         ...
 
     async def get(self, job_id: str) -> dict[str, Any] | None:

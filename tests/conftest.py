@@ -2,7 +2,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.server import Server, running_server
+from harness.server import Server, running_server
 
 
 @pytest.fixture

@@ -1,96 +1,31 @@
-"""Real services for the tests: a redis-server (and HAProxy) of their own, on free ports
-in temporary directories, bound to 127.0.0.1. Never a system service."""
+"""The services of harness/services.py for tests: a missing program skips the test
+locally and fails it under CI (CI=true)."""
 
 import os
-import shutil
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 
-from tests.server import free_port
+from harness.services import MissingProgram, RedisServer, find_program
+from harness.services import redis_server as _redis_server
 
-INSTALL_HINT = "run `make services` (Debian: apt-get install redis-server haproxy)"
+__all__ = ["RedisServer", "redis_server", "require"]
 
 
 def require(program: str) -> str:
     """The program's path; skips the test when it is missing, except under CI."""
-    path = shutil.which(program)
-    if path is None:
+    try:
+        return find_program(program)
+    except MissingProgram as exc:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"{program} is not installed on this CI machine: {INSTALL_HINT}")
-        pytest.skip(f"{program} is not installed: {INSTALL_HINT}")
-    return path
-
-
-@dataclass
-class RedisServer:
-    port: int
-    directory: Path
-    # always: a test that kills Redis loses nothing; deployments use everysec.
-    fsync: str = "always"
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> "redis.Redis":
-        """A client for checks; close it when done."""
-        return redis.Redis(port=self.port, socket_timeout=5)
-
-    def start(self) -> None:
-        """Starts (or restarts) the server on the same port and data directory, with the
-        append-only file on, and waits until it answers and has loaded its data."""
-        command = [
-            require("redis-server"),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.directory),
-            "--appendonly", "yes",
-            "--appendfsync", self.fsync,
-            "--save", "",
-            "--maxmemory-policy", "noeviction",
-        ]  # fmt: skip
-        with (self.directory / "redis.log").open("ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with self.client() as client:
-                    if client.ping():
-                        return
-            except redis.exceptions.BusyLoadingError:
-                pass
-            except redis.exceptions.ConnectionError:
-                if self.process.poll() is not None:
-                    raise RuntimeError((self.directory / "redis.log").read_text()) from None
-            if time.monotonic() > deadline:
-                raise TimeoutError("redis-server did not start")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
+            pytest.fail(f"{exc} (on this CI machine)")
+        pytest.skip(str(exc))
 
 
 @contextmanager
 def redis_server(directory: Path, fsync: str = "always") -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), directory, fsync)
-    server.start()
-    try:
+    require("redis-server")
+    with _redis_server(directory, fsync) as server:
         yield server
-    finally:
-        server.kill()

@@ -19,7 +19,7 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
     # A long delay with a batch of two: two posts gathered must share one batch.
     app: FastAPI = create_app(Settings(max_batch_size=2, max_batch_delay_ms=2000))
     async with app.router.lifespan_context(app):
-        await asyncio.wait_for(app.state.runtime.warmed_up.wait(), timeout=120)
+        await asyncio.wait_for(app.state.engine.warmed_up.wait(), timeout=120)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
             yield client

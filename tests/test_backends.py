@@ -9,7 +9,7 @@ import torch
 
 import classification.onnx_backend as onnx_backend
 from classification import Classifier, load_model
-from classification.classifier import choose_batch_size
+from serving.warmup import choose_batch_size
 from tests.images import PHOTOS, photo_bytes
 
 
@@ -29,8 +29,8 @@ def test_onnx_and_torch_agree_on_real_photos(onnx_classifier: Classifier) -> Non
     batch = np.stack(
         [onnx_classifier.prepare(photo_bytes(name), max_pixels=10**8) for name in PHOTOS]
     )
-    onnx = onnx_classifier.backend.probabilities(batch)
-    reference = onnx_classifier.torch_backend.probabilities(batch)
+    onnx = onnx_classifier.backend.forward(batch).softmax(dim=1)
+    reference = onnx_classifier.torch_backend.forward(batch).softmax(dim=1)
     assert (onnx - reference).abs().max() < 1e-4
     assert onnx.argmax(dim=1).tolist() == reference.argmax(dim=1).tolist() == [285, 967, 657]
 
@@ -88,13 +88,12 @@ def test_failed_export_falls_back_to_torch_with_one_warning(
 def test_diverging_outputs_fall_back_to_torch(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = onnx_backend.OnnxBackend.probabilities
+    real = onnx_backend.OnnxBackend.forward
 
     def skewed(self: onnx_backend.OnnxBackend, pixels: np.ndarray) -> torch.Tensor:
-        probabilities = real(self, pixels)
-        return probabilities.roll(1, dims=1)
+        return real(self, pixels).roll(1, dims=1)
 
-    monkeypatch.setattr(onnx_backend.OnnxBackend, "probabilities", skewed)
+    monkeypatch.setattr(onnx_backend.OnnxBackend, "forward", skewed)
     classifier = Classifier(
         load_model("efficientnet_lite0"), backend="onnxruntime", cache_dir=cache_dir
     )

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.server import ROOT, Server, running_server
 from tests.images import PHOTOS, truncated_jpeg
-from tests.server import ROOT, Server, running_server
 
 EXPECTED = {"chelsea": "Egyptian cat", "coffee": "espresso", "rocket": "missile"}
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from harness.server import Server
 from tests.images import (
     CAT_IDS,
     PHOTOS,
@@ -16,7 +17,6 @@ from tests.images import (
     png_claiming,
     truncated_jpeg,
 )
-from tests.server import Server
 
 EXPECTED_TOP1 = {"chelsea": "Egyptian cat", "coffee": "espresso", "rocket": "missile"}
 

@@ -200,12 +200,17 @@ async def test_an_idempotency_key_returns_the_same_job(store: JobStore) -> None:
     assert await store.take(5, 0.2) == []
 
 
-async def test_released_items_are_handed_out_again(store: JobStore) -> None:
-    await store.create([b"a", b"b"])
+async def test_released_items_are_handed_out_again_for_their_task(store: JobStore) -> None:
+    summary, _ = await store.create([b"a", b"b"], task="embed")
     items = await take_all(store, 2)
+    assert {item.task for item in items} == {"embed"}
     await store.release(items)
     again = await take_all(store, 2)
     assert sorted(item.data or b"" for item in again) == [b"a", b"b"]
+    assert {item.task for item in again} == {"embed"}
+    job = await store.get(summary["job_id"])
+    assert job is not None
+    assert job["task"] == "embed"
 
 
 async def test_keep_alive_reports_ended_jobs(store: JobStore) -> None:

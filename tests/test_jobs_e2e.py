@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.server import Server, launch, running_server, stop, wait_ready
 from tests.images import photo_bytes, truncated_jpeg
-from tests.server import Server, launch, running_server, stop, wait_ready
 
 EXPECTED = {"chelsea": "Egyptian cat", "coffee": "espresso", "rocket": "missile"}
 ORDER = ["chelsea", "coffee", "rocket", "coffee", "chelsea", "rocket", "rocket", "chelsea"]

@@ -19,9 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.server import GUNICORN, Server, launch, running_server, stop, wait_ready
 from jobs import RedisJobStore, StoreLimits
+from serving.service import pack_job_item
 from tests.images import photo_bytes
-from tests.server import GUNICORN, Server, launch, running_server, stop, wait_ready
 from tests.services import RedisServer, redis_server
 
 EXPECTED = {"chelsea": "Egyptian cat", "coffee": "espresso", "rocket": "missile"}
@@ -252,9 +253,8 @@ def test_a_poison_item_ends_as_its_own_error(redis_service: RedisServer, tmp_pat
     async def stage() -> tuple[str, str]:
         await store.start()
         try:
-            summary, _ = await store.create(
-                [photo_bytes("coffee"), b"poison", photo_bytes("rocket")]
-            )
+            images = [photo_bytes("coffee"), b"poison", photo_bytes("rocket")]
+            summary, _ = await store.create([pack_job_item(i) for i in images], task="cls")
             items = await store.take(3, 1)
             poison = next(item for item in items if item.index == 1)
             await store.release([item for item in items if item.index != 1])

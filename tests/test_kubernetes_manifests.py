@@ -5,9 +5,9 @@ from typing import Any
 import pytest
 import yaml
 
+from harness.server import ROOT
 from jobs.redis_store import GROUP
 from settings import Settings
-from tests.server import ROOT
 
 DIRECTORY = ROOT / "deploy" / "kubernetes"
 

@@ -1,6 +1,7 @@
 """Timeouts, a full queue, a long batch, warm-up and shutdown, against real processes."""
 
 import asyncio
+import re
 import signal
 import socket
 import time
@@ -9,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.server import Server, launch, running_server, stop, wait_ready
 from tests.images import photo_bytes
-from tests.server import Server, launch, running_server, stop, wait_ready
 
 pytestmark = pytest.mark.anyio
 
@@ -75,8 +76,12 @@ async def test_overload_sheds_requests_it_could_not_answer_in_time(tmp_path: Pat
         assert all(int(r.headers["retry-after"]) >= 1 for r in shed)
         assert statuses.count(200) >= 8
         # Shed requests are refused up front rather than after waiting out TIMEOUT=1.
-        shed_latency = sorted(latency for status, latency, _ in results if status == 503)
-        assert shed_latency[len(shed_latency) // 2] < 1.0, shed_latency
+        # Timed by the server, from its first look at the request: on the client's clock
+        # 256 uploads from one process onto 2 cores queue long before that.
+        shed_ms = sorted(map(float, re.findall(r"POST /cls 503 ([\d.]+)ms", server.output())))
+        assert len(shed_ms) == len(shed)
+        assert shed_ms[len(shed_ms) // 2] < 500, shed_ms
+        assert shed_ms[-1] < 1500, shed_ms
         assert stats(server)["rejected_late"] == len(shed)
 
 

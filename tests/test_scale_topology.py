@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 
+from harness.server import ROOT, Server, free_port, stop
 from tests.images import photo_bytes
-from tests.server import ROOT, Server, free_port, stop
 from tests.services import redis_server, require
 from tests.test_jobs_redis_e2e import NAMES, replica_env, replicas, wait_for
 

@@ -6,12 +6,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from api.deps import RuntimeDep
+from api.deps import EngineDep
 from api.errors import describe
-from api.exceptions import NotReady
+from api.payloads import read_job_payloads
 from api.sse import job_events
-from api.upload import read_job_images
 from jobs import JobStatus, JobStore
+from serving import Engine, InputError
+from serving.service import pack_job_item
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -19,73 +20,84 @@ _JOB_ID = re.compile(r"[0-9a-f]{32}")
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
 
 
-def _store(runtime: RuntimeDep) -> JobStore:
-    if runtime.jobs_disabled:
-        raise HTTPException(503, runtime.jobs_disabled)
-    return runtime.job_store
+def _store(engine: EngineDep) -> JobStore:
+    if engine.jobs_disabled:
+        raise HTTPException(503, engine.jobs_disabled)
+    return engine.job_store
 
 
 def _not_found(job_id: str) -> HTTPException:
     return HTTPException(404, f"no job {job_id!r}: it never existed or expired (JOB_TTL_S)")
 
 
-async def _job(runtime: RuntimeDep, job_id: str) -> dict[str, Any]:
-    job = await _store(runtime).get(job_id) if _JOB_ID.fullmatch(job_id) else None
+async def _job(engine: EngineDep, job_id: str) -> dict[str, Any]:
+    job = await _store(engine).get(job_id) if _JOB_ID.fullmatch(job_id) else None
     if job is None:
         raise _not_found(job_id)
     return job
 
 
-@router.post("", status_code=202)
-async def submit(
-    request: Request,
-    runtime: RuntimeDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+async def create_job(
+    request: Request, engine: Engine, task: str, idempotency_key: str | None
 ) -> JSONResponse:
-    """Queues many images as one job: multipart `files` parts, or JSON `{"images": [...]}`.
-    A retried submission with the same `Idempotency-Key` returns the job it created."""
-    store = _store(runtime)
-    runtime.require_warm()
-    if runtime.stopping.is_set():
-        raise NotReady("the server is shutting down")
-    settings = runtime.settings
+    """Stores a job of the request's items for ``task`` and answers 202 with its summary."""
+    store = _store(engine)
+    engine.require_ready()
+    settings = engine.settings
     declared = request.headers.get("content-length", "")
     # Refused before the body is read when the store is full.
     await store.admit(int(declared) if declared.isdigit() else settings.max_job_bytes)
-    items = await read_job_images(request, settings.max_job_files)
-    payload = [item if isinstance(item, bytes) else {"error": describe(item)} for item in items]
+    field = engine.services[task].task.jobs_field
+    items = await read_job_payloads(request, settings.max_job_files, field)
+    payload = [
+        {"error": describe(item)} if isinstance(item, InputError) else pack_job_item(item)
+        for item in items
+    ]
     del items
-    job, created = await store.create(payload, idempotency_key)
+    job, created = await store.create(payload, idempotency_key, task)
     headers = {"Location": f"/jobs/{job['job_id']}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
     return JSONResponse(job, 202, headers=headers)
 
 
+@router.post("", status_code=202)
+async def submit(
+    request: Request,
+    engine: EngineDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JSONResponse:
+    """A job for the first task in TASKS (`/cls` by default), as `POST /{task}/jobs`:
+    multipart `files` parts, or JSON with the task's list field (`{"images": [...]}`
+    for /cls). A retried submission with the same `Idempotency-Key` returns the job it
+    created."""
+    return await create_job(request, engine, engine.primary.name, idempotency_key)
+
+
 @router.get("/{job_id}")
-async def status(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+async def status(job_id: str, engine: EngineDep) -> dict[str, Any]:
     """Status, progress and the results so far, one per input, in input order."""
-    return await _job(runtime, job_id)
+    return await _job(engine, job_id)
 
 
 @router.delete("/{job_id}", status_code=202)
-async def cancel(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+async def cancel(job_id: str, engine: EngineDep) -> dict[str, Any]:
     """Cancels the job on every replica; its queued items are never computed. 409 if it
     already ended."""
-    store = _store(runtime)
+    store = _store(engine)
     outcome = await store.cancel(job_id) if _JOB_ID.fullmatch(job_id) else None
     if outcome is None:
         raise _not_found(job_id)
     if outcome is not JobStatus.CANCELLED:
         raise HTTPException(409, f"job {job_id} already {outcome.value}; nothing to cancel")
-    job = await _job(runtime, job_id)
+    job = await _job(engine, job_id)
     return {"job_id": job_id, "status": job["status"], "progress": job["progress"]}
 
 
 @router.get("/{job_id}/events")
 async def events(
     job_id: str,
-    runtime: RuntimeDep,
+    engine: EngineDep,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Server-sent events: `progress` per finished item, then `done`, `failed` or
@@ -97,9 +109,9 @@ async def events(
                 400, "Last-Event-ID must be the id of an event this stream sent (digits)"
             )
         after = int(last_event_id)
-    await _job(runtime, job_id)
+    await _job(engine, job_id)
     stream = job_events(
-        _store(runtime), job_id, after, runtime.stopping, runtime.settings.sse_heartbeat_s
+        _store(engine), job_id, after, engine.stopping, engine.settings.sse_heartbeat_s
     )
     return StreamingResponse(
         stream,

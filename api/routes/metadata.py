@@ -4,11 +4,11 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import RuntimeDep
+from api.deps import EngineDep
 
 router = APIRouter(tags=["metadata"])
 
 
 @router.get("/metadata")
-async def metadata(runtime: RuntimeDep) -> dict[str, Any]:
-    return runtime.metadata()
+async def metadata(engine: EngineDep) -> dict[str, Any]:
+    return engine.metadata()

@@ -1,9 +1,9 @@
 -- ARGV: prefix, job id, total, created_at, max_jobs, max_items, max_bytes, ttl,
--- idempotency key ('' for none), image bytes, image count, the image indexes,
+-- idempotency key ('' for none), input bytes, task, input count, the input indexes,
 -- then index, error-result pairs for the items that could not be read.
--- The images were written to the job's data hash beforehand, with an expiry.
+-- The inputs were written to the job's data hash beforehand, with an expiry.
 local prefix, id, total, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[8])
-local idem, nbytes, nimages = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
+local idem, nbytes, task, nimages = ARGV[9], tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
 local k = job_keys(prefix, id)
 if idem ~= '' then
   local known = redis.call('GET', idem)
@@ -24,7 +24,7 @@ if live >= tonumber(ARGV[5]) or items + nimages > tonumber(ARGV[6])
   return {'full', live, items, bytes}
 end
 redis.call('PERSIST', k.data)
-redis.call('HSET', k.job, 'total', total, 'status', 'queued', 'created_at', now,
+redis.call('HSET', k.job, 'total', total, 'task', task, 'status', 'queued', 'created_at', now,
   'done', 0, 'failed', 0, 'seq', 0, 'queued_bytes', nbytes, 'queued_items', nimages)
 if idem ~= '' then
   redis.call('SET', idem, id)
@@ -34,9 +34,9 @@ redis.call('SADD', LIVE, id)
 redis.call('INCRBY', ITEMS, nimages)
 redis.call('INCRBY', BYTES, nbytes)
 for i = 1, nimages do
-  redis.call('XADD', WORK, '*', 'job', id, 'index', ARGV[11 + i])
+  redis.call('XADD', WORK, '*', 'job', id, 'index', ARGV[12 + i], 'task', task)
 end
-local pos = 12 + nimages
+local pos = 13 + nimages
 while pos < #ARGV do
   add_result(k, ARGV[pos], ARGV[pos + 1], false, now, ttl)
   pos = pos + 2

@@ -1,7 +1,8 @@
--- ARGV: group, then entry id, job id, index triples. Puts items back at the end of the
--- work stream, for any replica, and acknowledges the deliveries they replace.
-for pos = 2, #ARGV, 3 do
-  redis.call('XADD', WORK, '*', 'job', ARGV[pos + 1], 'index', ARGV[pos + 2])
+-- ARGV: group, then entry id, job id, index, task quadruples. Puts items back at the end
+-- of the work stream, for any replica, and acknowledges the deliveries they replace.
+for pos = 2, #ARGV, 4 do
+  redis.call('XADD', WORK, '*', 'job', ARGV[pos + 1], 'index', ARGV[pos + 2],
+    'task', ARGV[pos + 3])
   redis.call('XACK', WORK, ARGV[1], ARGV[pos])
   redis.call('XDEL', WORK, ARGV[pos])
 end

@@ -1,5 +1,5 @@
--- ARGV: prefix, group, consumer, count. Reads up to count new items with their images in
--- one round trip: {entry id, job id, index, image or nil} each. Never blocks.
+-- ARGV: prefix, group, consumer, count. Reads up to count new items with their inputs in
+-- one round trip: {entry id, job id, index, task, input or nil} each. Never blocks.
 local reply = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
   'STREAMS', WORK, '>')
 local taken = {}
@@ -12,6 +12,6 @@ for _, entry in ipairs(reply[1][2]) do
     fields[entry[2][pos]] = entry[2][pos + 1]
   end
   local data = redis.call('HGET', ARGV[1] .. ':job:' .. fields.job .. ':data', fields.index)
-  table.insert(taken, {entry[1], fields.job, fields.index, data})
+  table.insert(taken, {entry[1], fields.job, fields.index, fields.task or '', data})
 end
 return taken

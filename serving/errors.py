@@ -1,4 +1,4 @@
-"""Errors the runtime raises that only the HTTP layer gives a status code."""
+"""Errors the serving layer raises; api/errors.py gives each its HTTP status."""
 
 
 class NotReady(Exception):

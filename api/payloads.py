@@ -1,0 +1,108 @@
+"""Reads what a request carries for a task: one multipart file or a JSON body, or for a
+job, many files or a JSON list. Only parsing: the task decodes, off the event loop."""
+
+import json
+
+from fastapi import HTTPException, Request
+from starlette.datastructures import UploadFile
+
+from serving import InputError, Payload
+
+# One file, and a few small text fields at most.
+MAX_FILES = 1
+MAX_FIELDS = 4
+MAX_FIELD_BYTES = 16 * 1024
+
+HOW_TO_SEND = (
+    "send multipart/form-data with a 'file' field (curl -F file=@cat.jpg) "
+    "or an application/json body"
+)
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def _json_body(request: Request, how_to_send: str) -> object:
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPException(400, f"the body is not valid JSON: {how_to_send}") from None
+
+
+async def read_payload(request: Request) -> Payload:
+    """The multipart ``file`` part's bytes, or the parsed JSON body. Raises
+    HTTPException for a malformed request."""
+    media_type = _media_type(request)
+    if media_type == "multipart/form-data":
+        return await _read_multipart(request)
+    if media_type == "application/json":
+        return await _json_body(request, HOW_TO_SEND)
+    raise HTTPException(415, f"unsupported content type {media_type or 'none'!r}: {HOW_TO_SEND}")
+
+
+async def _read_multipart(request: Request) -> bytes:
+    async with request.form(
+        max_files=MAX_FILES, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES
+    ) as form:
+        upload = form.get("file")
+        if upload is None:
+            raise HTTPException(422, f"multipart field 'file' is missing: {HOW_TO_SEND}")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(422, "multipart field 'file' must be a file, not a text value")
+        return await upload.read()
+
+
+async def read_job_payloads(
+    request: Request, max_files: int, field: str
+) -> list[Payload | InputError]:
+    """The items of a job, in order: multipart ``files`` parts, or the list under
+    ``field`` of a JSON body. A text part becomes that item's error rather than failing
+    the request; too many items are refused with 413."""
+    media_type = _media_type(request)
+    how_to_send = (
+        f'send multipart/form-data with "files" parts, or application/json {{"{field}": [...]}}'
+    )
+    items: list[Payload | InputError]
+    if media_type == "multipart/form-data":
+        items = await _read_job_multipart(request, max_files)
+    elif media_type == "application/json":
+        payload = await _json_body(request, how_to_send)
+        values = payload.get(field) if isinstance(payload, dict) else None
+        if not isinstance(values, list):
+            raise HTTPException(422, f'JSON field "{field}" (a list) is missing: {how_to_send}')
+        items = values
+    else:
+        raise HTTPException(
+            415, f"unsupported content type {media_type or 'none'!r}: {how_to_send}"
+        )
+    if not items:
+        raise HTTPException(422, "a job needs at least one item")
+    if len(items) > max_files:
+        raise HTTPException(
+            413, f"{len(items)} items; a job takes at most {max_files} (MAX_JOB_FILES)"
+        )
+    return items
+
+
+async def _read_job_multipart(request: Request, max_files: int) -> list[Payload | InputError]:
+    try:
+        form = await request.form(
+            max_files=max_files + 1, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES
+        )
+    except HTTPException as exc:
+        if "Too many files" in str(exc.detail):
+            raise HTTPException(
+                413, f"a job takes at most {max_files} items (MAX_JOB_FILES)"
+            ) from None
+        raise
+    try:
+        items: list[Payload | InputError] = []
+        for part in form.getlist("files"):
+            if isinstance(part, UploadFile):
+                items.append(await part.read())
+            else:
+                items.append(InputError("this 'files' part is text, not a file"))
+        return items
+    finally:
+        await form.close()

@@ -1,0 +1,95 @@
+"""POST /{name} and POST /{name}/jobs for every task TASKS names."""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+
+from api.deps import EngineDep
+from api.disconnect import cancel_on_disconnect
+from api.payloads import read_payload
+from api.routes.jobs import create_job
+from api.schemas import ErrorBody
+from serving import Task
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        400: "An input the task cannot use: corrupt, truncated, invalid JSON or base64",
+        413: "Body over MAX_UPLOAD_BYTES, or an input over the task's limits",
+        415: "A content type or input format that is not accepted",
+        422: "The 'file' field or the JSON input is missing, or an option is out of range",
+        503: "Queue full, the model not ready, or shutting down; see Retry-After",
+        504: "No answer within TIMEOUT seconds",
+    }.items()
+}
+
+
+def _request_body(task: Task[Any, Any]) -> dict[str, Any]:
+    json_schema = getattr(task, "json_schema", {"description": "The task's JSON input"})
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                    }
+                },
+                "application/json": {"schema": json_schema},
+            },
+        }
+    }
+
+
+def task_router(task: Task[Any, Any]) -> APIRouter:
+    """The routes of one task. Its options are query parameters."""
+    router = APIRouter(tags=[task.name])
+    name = task.name
+    Options = task.Options
+
+    async def predict(
+        request: Request,
+        engine: EngineDep,
+        options: Annotated[Options, Query()],  # type: ignore[valid-type]
+    ) -> Any:
+        service = engine.services[name]
+        service.admit()  # refuse an overload before spending time on the upload
+        payload = await read_payload(request)
+        result = await cancel_on_disconnect(request, service.run(payload, options))
+        return task.encode(result, options)
+
+    async def submit_job(
+        request: Request,
+        engine: EngineDep,
+        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    ) -> JSONResponse:
+        return await create_job(request, engine, name, idempotency_key)
+
+    doc = (task.__doc__ or "").strip()
+    router.add_api_route(
+        f"/{name}",
+        predict,
+        methods=["POST"],
+        response_model=task.Response,
+        responses=ERRORS,
+        openapi_extra=_request_body(task),
+        summary=f"{name}: one input",
+        description=f"{doc}\n\nSend one multipart `file`, or a JSON body.",
+    )
+    router.add_api_route(
+        f"/{name}/jobs",
+        submit_job,
+        methods=["POST"],
+        status_code=202,
+        summary=f"{name}: a job of many inputs",
+        description=(
+            "Queues many inputs as one job: multipart `files` parts, or JSON"
+            f' `{{"{task.jobs_field}": [...]}}`. A retried submission with the same'
+            " `Idempotency-Key` returns the job it created. Poll, stream and cancel it under"
+            " /jobs/{id}."
+        ),
+    )
+    return router

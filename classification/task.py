@@ -1,0 +1,143 @@
+"""The image tasks: ``POST /cls`` (classification) and ``POST /embed`` (embeddings)."""
+
+import base64
+import binascii
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from classification.classifier import Classifier, ClassifyInput, ClassScore
+from classification.embedding import Embedder
+from classification.errors import BadImage
+from classification.image_model import ImageModel
+from classification.models import load_model
+from serving.task import InputError, LoadContext, Payload, Task
+
+HOW_TO_SEND = (
+    "send multipart/form-data with a 'file' field (curl -F file=@cat.jpg) "
+    'or application/json {"image": "<base64>"}'
+)
+
+
+def image_bytes(payload: Payload) -> bytes:
+    """The image of a request: an uploaded file, ``{"image": "<base64>"}``, or (as a job's
+    JSON item) the base64 string itself, optionally as a ``data:`` URI."""
+    if isinstance(payload, bytes):
+        return payload
+    text = payload.get("image") if isinstance(payload, dict) else payload
+    if not isinstance(text, str):
+        raise InputError(f"JSON field 'image' (a base64 string) is missing: {HOW_TO_SEND}", 422)
+    if text.startswith("data:"):
+        header, comma, text = text.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise BadImage("a data: URI must look like data:image/jpeg;base64,<data>")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadImage("field 'image' is not valid base64") from None
+
+
+def image_model_options(context: LoadContext) -> dict[str, Any]:
+    """The ImageModel options that settings choose."""
+    settings = context.settings
+    return {
+        "device": context.device,
+        "channels_last": settings.channels_last,
+        "backend": settings.backend,
+        "dtype": settings.dtype,
+        "cache_dir": context.cache_dir,
+        "threads": context.threads,
+    }
+
+
+class ImageTask:
+    """What the image tasks share: MODEL and WEIGHTS, decoding within MAX_IMAGE_PIXELS,
+    warm-up on the backend."""
+
+    jobs_field: ClassVar[str] = "images"
+    model: ImageModel
+    max_pixels: int
+
+    def prepare(self, payload: Payload) -> np.ndarray:
+        return self.model.prepare(image_bytes(payload), max_pixels=self.max_pixels)
+
+    def warm_up(self, max_batch_size: int, tune: bool) -> dict[str, Any]:
+        return self.model.warmup(max_batch_size, tune=tune)
+
+    def describe(self) -> dict[str, Any]:
+        return self.model.describe()
+
+
+class ClassPrediction(BaseModel):
+    class_id: int
+    label: str
+    score: float
+
+
+class Classification(BaseModel):
+    prediction: ClassPrediction
+    top_k: list[ClassPrediction]
+
+    @classmethod
+    def from_scores(cls, scores: list[ClassScore]) -> "Classification":
+        ranked = [
+            ClassPrediction(class_id=s.class_id, label=s.label, score=s.score) for s in scores
+        ]
+        return cls(prediction=ranked[0], top_k=ranked)
+
+
+class ClassifyOptions(BaseModel):
+    top_k: int | None = Field(None, ge=1, le=20, description="Classes to return (TOP_K)")
+
+
+class ImageClassification(ImageTask, Task[ClassifyInput, list[ClassScore]]):
+    """Top-k ImageNet classes (or those of MODEL) for one image."""
+
+    name = "cls"
+    Options = ClassifyOptions
+    Response = Classification
+
+    def load(self, context: LoadContext) -> None:
+        settings = context.settings
+        self.top_k = settings.top_k
+        self.max_pixels = settings.max_image_pixels
+        loaded = load_model(settings.model, settings.weights)
+        self.model = self.classifier = Classifier(loaded, **image_model_options(context))
+
+    def decode(self, payload: Payload, options: ClassifyOptions) -> ClassifyInput:
+        return ClassifyInput(self.prepare(payload), options.top_k or self.top_k)
+
+    def predict_batch(self, items: list[ClassifyInput]) -> list[list[ClassScore] | Exception]:
+        return list(self.classifier.predict(items))
+
+    def encode(self, result: list[ClassScore], options: ClassifyOptions) -> Classification:
+        return Classification.from_scores(result)
+
+
+class Embedding(BaseModel):
+    embedding: list[float] = Field(description="L2-normalised: a dot product is the cosine")
+    dimensions: int
+
+
+class ImageEmbedding(ImageTask, Task[np.ndarray, list[float]]):
+    """The pooled features of MODEL before its classifier head, L2-normalised, for
+    similarity search and near-duplicate detection."""
+
+    name = "embed"
+    Response = Embedding
+
+    def load(self, context: LoadContext) -> None:
+        settings = context.settings
+        self.max_pixels = settings.max_image_pixels
+        loaded = load_model(settings.model, settings.weights)
+        self.model = self.embedder = Embedder(loaded, **image_model_options(context))
+
+    def decode(self, payload: Payload, options: BaseModel) -> np.ndarray:
+        return self.prepare(payload)
+
+    def predict_batch(self, items: list[np.ndarray]) -> list[list[float] | Exception]:
+        return list(self.embedder.predict(items))
+
+    def encode(self, result: list[float], options: BaseModel) -> Embedding:
+        return Embedding(embedding=result, dimensions=len(result))

@@ -1,0 +1,1 @@
+"""Tasks written as a user would write one: see examples/README.md."""

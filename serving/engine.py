@@ -1,0 +1,193 @@
+"""What one server process runs: its tasks, the decode threads they share, and the jobs."""
+
+import asyncio
+import logging
+from typing import Any
+
+import torch
+
+from batching import BatcherClosed
+from jobs import (
+    HandBack,
+    ItemResult,
+    JobRunner,
+    JobStore,
+    MemoryJobStore,
+    RedisJobStore,
+    StoreLimits,
+    WorkItem,
+)
+from serving.errors import NotReady
+from serving.registry import load_tasks
+from serving.service import DecodePools, TaskService
+from serving.task import LoadContext, Task, resolve_device
+from settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def open_job_store(settings: Settings) -> JobStore:
+    """The store JOB_STORE names, with the limits that hold across all replicas."""
+    limits = StoreLimits(
+        settings.max_jobs, settings.max_queued_job_items, settings.max_queued_job_bytes
+    )
+    if settings.job_store == "redis":
+        return RedisJobStore(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            limits=limits,
+            ttl_s=settings.job_ttl_s,
+            timeout_s=settings.redis_timeout_s,
+            claim_idle_s=settings.job_claim_idle_s,
+        )
+    return MemoryJobStore(limits=limits, ttl_s=settings.job_ttl_s)
+
+
+class Engine:
+    """Loads the tasks TASKS names and serves them until ``stop``.
+
+    Each task gets its own batcher and model thread. The cores a worker has are split
+    between the tasks' models: each gets INTRA_OP threads / number of tasks (at least
+    one), so that tasks busy at once do not oversubscribe the CPU. The decode threads
+    are shared.
+    """
+
+    def __init__(self, settings: Settings, describe_error: Any) -> None:
+        self.settings = settings
+        self.services: dict[str, TaskService] = {}
+        self.stopping = asyncio.Event()
+        self.warmed_up = asyncio.Event()  # every task
+        self.warmup_error: str | None = None
+        self._pools: DecodePools | None = None
+        self._warmup_task: asyncio.Task[None] | None = None
+        self.job_store = open_job_store(settings)
+        self.jobs_disabled = settings.jobs_disabled_reason
+        self.jobs = JobRunner(
+            self.job_store,
+            self._run_job_item,
+            describe_error,
+            concurrency=settings.job_concurrency or 4,
+            max_deliveries=settings.job_max_deliveries,
+            keep_alive_s=settings.job_claim_idle_s / 3,
+        )
+
+    @property
+    def primary(self) -> TaskService:
+        """The first task in TASKS: /jobs without a task, and /metadata's top level."""
+        return next(iter(self.services.values()))
+
+    async def start(self, tasks: list[Task[Any, Any]] | None = None) -> None:
+        """Loads every task, starts its batcher, and warms up in the background.
+
+        Raises ValueError naming the setting when a task cannot be loaded.
+        """
+        settings = self.settings
+        self._loop = asyncio.get_running_loop()
+        tasks = tasks if tasks is not None else load_tasks(settings.tasks)
+        torch.set_num_threads(settings.intra_op_threads)
+        device = resolve_device(settings.device)
+        context = LoadContext(
+            device=str(device),
+            threads=max(1, settings.intra_op_threads // len(tasks)),
+            cache_dir=settings.model_cache_dir,
+            settings=settings,
+        )
+        for task in tasks:
+            await asyncio.to_thread(task.load, context)
+        if not settings.job_concurrency and device.type == "cuda":
+            # A GPU batch costs little more than one item: let job items fill big batches.
+            self.jobs.concurrency = 2 * settings.batch_size_ceiling
+        self._pools = DecodePools(settings.decode_threads(device.type))
+        for task in tasks:
+            service = TaskService(task, settings, self._pools)
+            service.batcher.start()
+            self.services[task.name] = service
+        if self.jobs_disabled:
+            logger.warning("%s", self.jobs_disabled)
+        else:
+            await self.job_store.start()
+        self._warmup_task = asyncio.create_task(self._warm_up(), name="warmup")
+        self._warmup_task.add_done_callback(self._on_warmup_done)
+
+    async def _warm_up(self) -> None:
+        for service in self.services.values():
+            await service.warm_up()
+        self.warmed_up.set()
+        if not self.jobs_disabled and not self.stopping.is_set():
+            self.jobs.start()
+
+    def _on_warmup_done(self, task: "asyncio.Task[None]") -> None:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self.warmup_error = f"{type(error).__name__}: {error}"
+            logger.error("warm-up failed; the server stays unready", exc_info=error)
+
+    async def _run_job_item(self, item: WorkItem, data: bytes) -> ItemResult:
+        service = self.services.get(item.task)
+        if service is None:
+            raise NotReady(
+                f"this replica does not serve task {item.task!r}: give every replica the same TASKS"
+            )
+        try:
+            result: ItemResult = await service.run_job_item(data)
+        except BatcherClosed as exc:
+            raise HandBack(str(exc)) from exc
+        return result
+
+    def begin_shutdown(self) -> None:
+        """Turns readiness off so load balancers move away, ends event streams and takes
+        no more job items; requests in flight, or arriving on connections already open,
+        are still served until ``stop``. Safe to call from a signal handler."""
+        self._loop.call_soon_threadsafe(self._stop_taking_work)
+
+    def _stop_taking_work(self) -> None:
+        self.stopping.set()
+        self.job_store.feed.close()
+        self.jobs.stop_taking()
+
+    async def stop(self) -> None:
+        """Refuses new work; finishes or hands back job items and drains the batchers,
+        together within DRAIN_TIMEOUT; frees threads. Jobs are never cancelled."""
+        self._stop_taking_work()
+        drain_until = self._loop.time() + self.settings.drain_timeout
+        await self.jobs.stop(self.settings.drain_timeout / 2)
+        await self.job_store.close()
+        if self._warmup_task is not None and not self._warmup_task.done():
+            self._warmup_task.cancel()
+            await asyncio.wait([self._warmup_task])
+        left = max(0.0, drain_until - self._loop.time())
+        await asyncio.gather(*(s.batcher.stop(left) for s in self.services.values()))
+        if self._pools is not None:
+            self._pools.shutdown()
+
+    def readiness(self) -> str | None:
+        """None when every task is warm, otherwise why not."""
+        if self.stopping.is_set():
+            return "the server is shutting down"
+        if self.warmup_error:
+            return f"warm-up failed ({self.warmup_error}); see the server log"
+        if not self.warmed_up.is_set():
+            return "the models are loading and warming up"
+        return None
+
+    def require_ready(self) -> None:
+        """Raises NotReady until every task is loaded and warm, or once stopping."""
+        if (reason := self.readiness()) is not None:
+            raise NotReady(reason)
+
+    def metadata(self) -> dict[str, Any]:
+        """The first task's entries at the top level, every task's under ``tasks``."""
+        settings = self.settings
+        tasks = {name: service.metadata() for name, service in self.services.items()}
+        primary = tasks[self.primary.name] if tasks else {}
+        return {
+            **primary,
+            "ready": self.readiness() is None,
+            "tasks": tasks,
+            "jobs": {
+                "store": settings.job_store,
+                "disabled": self.jobs_disabled,
+                "concurrency": self.jobs.concurrency,
+                "in_flight": self.jobs.in_flight,
+                "event_stream_watchers": len(self.job_store.feed),
+            },
+        }

@@ -1,0 +1,68 @@
+"""Prometheus metrics of every task's batcher, labelled by task."""
+
+from collections.abc import Sequence
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from batching import BatcherObserver
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+
+QUEUE_DEPTH = Gauge(
+    "batcher_queue_depth", "Items waiting for the model.", ["task"], multiprocess_mode="livesum"
+)
+BATCH_SIZE = Histogram(
+    "batcher_batch_size",
+    "Items per computed batch.",
+    ["task"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128),
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "batcher_queue_wait_seconds",
+    "Time from submission to the start of the item's batch.",
+    ["task"],
+    buckets=LATENCY_BUCKETS,
+)
+INFERENCE_SECONDS = Histogram(
+    "batcher_inference_seconds",
+    "Wall time of one batch's forward pass.",
+    ["task"],
+    buckets=LATENCY_BUCKETS,
+)
+DROPPED = Counter(
+    "batcher_items_dropped_total", "Items dropped before compute, by reason.", ["reason", "task"]
+)
+REJECTED = Counter(
+    "batcher_items_rejected_total", "Submissions refused, by reason.", ["reason", "task"]
+)
+
+
+class PrometheusObserver(BatcherObserver):
+    """Exports one task's batcher. Every reason is exported from the start, as 0, so that
+    rate() and alerts see the series."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+        self._depth = QUEUE_DEPTH.labels(task)
+        self._batch_size = BATCH_SIZE.labels(task)
+        self._queue_wait = QUEUE_WAIT_SECONDS.labels(task)
+        self._inference = INFERENCE_SECONDS.labels(task)
+        for reason in ("expired", "cancelled"):
+            DROPPED.labels(reason, task)
+        for reason in ("queue_full", "would_expire", "closed"):
+            REJECTED.labels(reason, task)
+
+    def queue_depth(self, depth: int) -> None:
+        self._depth.set(depth)
+
+    def batch_done(self, queue_waits: Sequence[float], compute_seconds: float) -> None:
+        self._batch_size.observe(len(queue_waits))
+        self._inference.observe(compute_seconds)
+        for wait in queue_waits:
+            self._queue_wait.observe(wait)
+
+    def dropped(self, reason: str) -> None:
+        DROPPED.labels(reason, self.task).inc()
+
+    def rejected(self, reason: str) -> None:
+        REJECTED.labels(reason, self.task).inc()

@@ -1,0 +1,192 @@
+"""One task served: its batcher, its share of the decode threads, admission, warm-up."""
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+from pydantic import BaseModel
+
+from batching import BatcherError, DeadlineExceeded, MicroBatcher, QueueFull, RunningMean
+from serving.errors import InferenceFailed, NotReady
+from serving.metrics import PrometheusObserver
+from serving.task import InputError, Payload, Task
+from settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# How a job item is stored: a tag byte, then the uploaded file or the JSON item.
+_FILE, _JSON = b"f", b"j"
+
+
+def pack_job_item(payload: Payload) -> bytes:
+    """A job item's payload as the bytes a job store keeps."""
+    if isinstance(payload, bytes):
+        return _FILE + payload
+    return _JSON + json.dumps(payload, separators=(",", ":")).encode()
+
+
+def unpack_job_item(data: bytes) -> Payload:
+    if data[:1] == _JSON:
+        return json.loads(data[1:])
+    return data[1:]
+
+
+class DecodePools:
+    """The threads that decode requests, shared by every task: ``interactive`` for the
+    task routes, ``bulk`` (one thread) for job items, so uploads never queue behind a job."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.interactive = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+        self.bulk = ThreadPoolExecutor(1, thread_name_prefix="decode-bulk")
+
+    def shutdown(self) -> None:
+        for pool in (self.interactive, self.bulk):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+class TaskService:
+    """Serves one loaded task: decodes in the shared pools, batches, answers by the
+    deadline. Refuses up front what it could not answer in time."""
+
+    def __init__(self, task: Task[Any, Any], settings: Settings, pools: DecodePools) -> None:
+        self.task = task
+        self.name = task.name
+        self.settings = settings
+        self.pools = pools
+        self.warmed_up = asyncio.Event()
+        self.warmup_report: dict[str, Any] = {}
+        self.default_options = task.Options()
+        self._decoding = 0
+        self._decoding_interactive = 0
+        self._decode_seconds = RunningMean()
+        self.decode_rejected_full = 0
+        self.batcher: MicroBatcher[Any, Any] = MicroBatcher(
+            task.predict_batch,
+            max_batch_size=settings.batch_size_ceiling,
+            max_batch_delay_s=settings.max_batch_delay_ms / 1000,
+            max_queue_size=settings.max_queue_size,
+            name=task.name,
+            observer=PrometheusObserver(task.name),
+            priorities=2,
+            shed_late=settings.shed_late_requests,
+            min_share=settings.job_min_share,
+        )
+
+    async def warm_up(self) -> None:
+        settings = self.settings
+        tune = settings.max_batch_size == "auto"
+        report = await asyncio.to_thread(self.task.warm_up, settings.batch_size_ceiling, tune)
+        self.warmup_report = report
+        logger.info("%s: warm-up done: %s", self.name, report)
+        if "batch_size" in report:
+            self.batcher.max_batch_size = report["batch_size"]
+        if "seconds_per_item" in report:
+            # Shedding works from the first request, not only after the first batch.
+            self.batcher.expect_seconds_per_item(report["seconds_per_item"])
+        self.warmed_up.set()
+
+    def require_warm(self) -> None:
+        if not self.warmed_up.is_set():
+            raise NotReady(f"the {self.name} model is loading and warming up")
+
+    def admit(self) -> None:
+        """Raises NotReady or QueueFull if a request arriving now would not be served."""
+        self.require_warm()
+        self._admit(asyncio.get_running_loop().time() + self.settings.timeout)
+
+    def _admit(self, deadline: float | None) -> None:
+        """Refuses a request that could not be decoded and computed by ``deadline``: the
+        wait for the decode threads counts as much as the wait for the model, and the
+        items being decoded now will reach the model first."""
+        if deadline is None:
+            return
+        decoding = self._decoding_interactive
+        decode_wait = 0.0
+        if (per_item := self._decode_seconds.value) is not None:
+            decode_wait = (decoding + 1) * per_item / self.pools.workers
+        self.batcher.admit(deadline - decode_wait, coming=decoding)
+
+    async def run(self, payload: Payload, options: BaseModel, *, bulk: bool = False) -> Any:
+        """Decodes ``payload`` and computes it within TIMEOUT seconds.
+
+        ``bulk`` items (job work) have no deadline and only fill the capacity that
+        interactive requests leave.
+        """
+        self.require_warm()
+        deadline = None if bulk else asyncio.get_running_loop().time() + self.settings.timeout
+        self._admit(deadline)  # before decoding an input the model could not serve in time
+        item = await self._decode(payload, options, deadline, bulk)
+        try:
+            return await self.batcher.submit(
+                item, deadline=deadline, priority=1 if bulk else 0, admitted=True
+            )
+        except BatcherError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, InputError):
+                raise  # fails this item only, with its status
+            raise InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}") from exc
+
+    async def run_job_item(self, data: bytes) -> Any:
+        """Computes one stored job item, with the task's default options."""
+        options = self.default_options
+        result = await self.run(unpack_job_item(data), options, bulk=True)
+        return _jsonable(self.task.encode(result, options))
+
+    async def _decode(
+        self, payload: Payload, options: BaseModel, deadline: float | None, bulk: bool
+    ) -> Any:
+        if self._decoding >= self.settings.max_queue_size:
+            self.decode_rejected_full += 1
+            raise QueueFull("too many requests are waiting to be decoded")
+        interactive = 0 if bulk else 1
+        self._decoding += 1
+        self._decoding_interactive += interactive
+        try:
+            decode = partial(self._timed_decode, payload, options)
+            pool = self.pools.bulk if bulk else self.pools.interactive
+            pending = asyncio.get_running_loop().run_in_executor(pool, decode)
+            async with asyncio.timeout_at(deadline):
+                item, seconds = await pending
+        except TimeoutError:
+            raise DeadlineExceeded("timed out while decoding the input") from None
+        finally:
+            self._decoding -= 1
+            self._decoding_interactive -= interactive
+        self._decode_seconds.add(seconds)
+        return item
+
+    def _timed_decode(self, payload: Payload, options: BaseModel) -> tuple[Any, float]:
+        started = time.perf_counter()
+        item = self.task.decode(payload, options)
+        return item, time.perf_counter() - started
+
+    def metadata(self) -> dict[str, Any]:
+        settings = self.settings
+        batcher = self.batcher
+        return {
+            "model": {"warmup": self.warmup_report, **self.task.describe()},
+            "ready": self.warmed_up.is_set(),
+            "batching": {
+                "max_batch_size": batcher.max_batch_size,
+                "max_batch_size_setting": settings.max_batch_size,
+                "max_batch_delay_ms": settings.max_batch_delay_ms,
+                "max_queue_size": settings.max_queue_size,
+                "timeout": settings.timeout,
+            },
+            "stats": batcher.stats.as_dict(batcher.queue_depth),
+            "decode": {
+                "workers": self.pools.workers,
+                "in_flight": self._decoding,
+                "rejected_full": self.decode_rejected_full,
+            },
+        }
+
+
+def _jsonable(answer: Any) -> Any:
+    return answer.model_dump() if isinstance(answer, BaseModel) else answer

@@ -1,0 +1,141 @@
+"""The interface a task implements to be served: one class in one module.
+
+A task turns a request into an item (``decode``, in a decode thread), computes items in
+batches (``predict_batch``, in the model thread) and turns each result into JSON
+(``encode``, on the event loop). The server does the rest for every task alike:
+admission and load shedding, batching, the 503/504 contract, jobs, metrics, readiness.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+from pydantic import BaseModel
+
+from serving.warmup import tune_batch_size
+from settings import Settings
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+Payload = bytes | Any
+"""What ``decode`` receives: a multipart ``file`` part as bytes, or a JSON body (a job's
+JSON item) as the parsed value."""
+
+
+class InputError(Exception):
+    """Raised by ``decode`` (or for one item by ``predict_batch``) when an input cannot be
+    used: only that request fails, with ``status`` and this message as its ``detail``."""
+
+    status = 400
+    advice = ""  # appended to the message: what the caller should do
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """What ``load`` may use: where to compute, with how many threads, and where to keep
+    files it derives (exports, caches). ``settings`` holds the server's configuration."""
+
+    device: str
+    threads: int
+    cache_dir: Path
+    settings: Settings
+
+
+class NoOptions(BaseModel):
+    """The options of a task that takes none."""
+
+
+class Task(Generic[Item, Result]):
+    """Subclass this, set ``name`` and implement the four methods.
+
+    Optional: ``Options``, a pydantic model of the request's query parameters (validated,
+    422 on a bad value, passed to ``decode`` and ``encode``); ``Response``, the pydantic
+    model of ``encode``'s answer, for the OpenAPI schema; ``jobs_field``, the JSON key
+    that holds a job's items; ``example``, ``warm_up`` and ``describe``.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    Response: ClassVar[type[BaseModel] | None] = None
+    jobs_field: ClassVar[str] = "inputs"
+
+    def load(self, context: LoadContext) -> None:
+        """Loads the model. Runs once at startup, in a thread; raise ValueError with a
+        message naming the setting to fix when it cannot."""
+        raise NotImplementedError
+
+    def decode(self, payload: Payload, options: Any) -> Item:
+        """Turns one request's payload into an item for the model. Runs in a decode
+        thread; raise InputError for an unusable input."""
+        raise NotImplementedError
+
+    def predict_batch(self, items: list[Item]) -> list[Result | Exception]:
+        """Computes a batch: one result, or one exception, per item, in order. Runs in
+        the task's model thread."""
+        raise NotImplementedError
+
+    def encode(self, result: Result, options: Any) -> Any:
+        """Turns one result into the JSON-able answer. Runs on the event loop: keep it
+        cheap."""
+        raise NotImplementedError
+
+    def example(self) -> Item | None:
+        """An item for warm-up and batch-size tuning; None skips both."""
+        return None
+
+    def warm_up(self, max_batch_size: int, tune: bool) -> dict[str, Any]:
+        """Runs every batch shape the batcher forms, on ``example()``, before the server
+        turns ready; with ``tune`` times them and reports the ``batch_size`` to use. The
+        report's ``seconds_per_item`` starts load shedding before the first batch.
+        Override for a warm-up of your own (the image tasks time their backend)."""
+        example = self.example()
+        if example is None:
+            return {}
+        return tune_batch_size(
+            lambda n: self.predict_batch([example] * n), max_batch_size, tune=tune
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """What /metadata shows about the task and its model."""
+        return {}
+
+
+def resolve_device(requested: str) -> torch.device:
+    """Maps DEVICE (auto, cpu, cuda, cuda:N) to a device, or raises ValueError."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"DEVICE={requested!r} but CUDA is not available: use cpu or auto")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(
+                f"DEVICE={requested!r} but only {torch.cuda.device_count()} CUDA devices exist"
+            )
+    return device
+
+
+_REQUIRED = ("load", "decode", "predict_batch", "encode")
+
+
+def check_task(task_class: Any, spec: str) -> None:
+    """Raises ValueError naming TASKS when ``task_class`` does not implement the interface."""
+    if not (isinstance(task_class, type) and issubclass(task_class, Task)):
+        raise ValueError(f"TASKS entry {spec!r} is not a subclass of serving.Task")
+    name = getattr(task_class, "name", None)
+    if not isinstance(name, str) or not name.isidentifier() or not name.islower():
+        raise ValueError(
+            f"TASKS entry {spec!r}: name must be a lowercase identifier (its route), got {name!r}"
+        )
+    missing = [m for m in _REQUIRED if getattr(task_class, m) is getattr(Task, m)]
+    if missing:
+        raise ValueError(f"TASKS entry {spec!r} does not implement {', '.join(missing)}")
+    if not (isinstance(task_class.Options, type) and issubclass(task_class.Options, BaseModel)):
+        raise ValueError(f"TASKS entry {spec!r}: Options must be a pydantic model")

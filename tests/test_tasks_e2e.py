@@ -1,0 +1,196 @@
+"""A task defined only in this module, served by a real server process through TASKS=,
+beside the image tasks; and what TASKS refuses at startup."""
+
+import asyncio
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import BaseModel, Field
+
+from harness.server import Server, launch, running_server, stop
+from serving import InputError, LoadContext, Task
+from serving.registry import load_tasks
+from tests.images import photo_bytes
+from tests.test_gunicorn_e2e import metric
+from tests.test_jobs_e2e import poll_until_finished, read_events
+
+pytestmark = pytest.mark.anyio
+
+UNLUCKY = 13
+
+
+class SquareOptions(BaseModel):
+    offset: int = Field(0, ge=0, le=100)
+
+
+class Square(Task[int, int]):
+    """Squares a number: `{"x": 3}` gives `{"square": 9}`. 13 fails in the model."""
+
+    name = "square"
+    Options = SquareOptions
+
+    def load(self, context: LoadContext) -> None:
+        self.lock = threading.Lock()
+        self.threads = context.threads
+
+    def decode(self, payload: Any, options: SquareOptions) -> int:
+        x = payload.get("x") if isinstance(payload, dict) else payload
+        if not isinstance(x, int):
+            raise InputError('send {"x": <an integer>}', 422)
+        if abs(x) > 1_000_000:
+            raise InputError("x is over a million; send a smaller number", 413)
+        return x + options.offset
+
+    def predict_batch(self, items: list[int]) -> list[int | Exception]:
+        time.sleep(0.05)  # a model's time, during which other requests queue up
+        return [ValueError("unlucky") if x == UNLUCKY else x * x for x in items]
+
+    def encode(self, result: int, options: SquareOptions) -> dict[str, int]:
+        return {"square": result}
+
+    def example(self) -> int:
+        return 2
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "square", "threads": self.threads}
+
+
+class NotATask:
+    name = "nope"
+
+
+class Incomplete(Task[int, int]):
+    name = "incomplete"
+
+    def load(self, context: LoadContext) -> None:
+        pass
+
+
+class ClashesWithCls(Square):
+    name = "cls"
+
+
+HERE = "tests.test_tasks_e2e"
+TASKS = f"classification.task:ImageClassification,{HERE}:Square"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    log = tmp_path_factory.mktemp("tasks") / "server.log"
+    with running_server({"TASKS": TASKS, "MAX_BATCH_SIZE": "8"}, log) as server:
+        yield server
+
+
+async def test_the_task_is_batched_and_each_item_fails_alone(server: Server) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        xs = list(range(1, 25))
+        responses = await asyncio.gather(*(client.post("/square", json={"x": x}) for x in xs))
+        histogram = (await client.get("/metadata")).json()["tasks"]["square"]["stats"]
+    for x, response in zip(xs, responses, strict=True):
+        if x == UNLUCKY:
+            assert response.status_code == 500
+            assert "unlucky" in response.json()["detail"]
+        else:
+            assert response.status_code == 200, response.text
+            assert response.json() == {"square": x * x}
+    assert max(int(size) for size in histogram["batch_size_histogram"]) > 1, histogram
+
+
+def test_options_input_errors_and_the_other_task(server: Server) -> None:
+    url = server.url
+    assert httpx.post(f"{url}/square?offset=1", json={"x": 3}).json() == {"square": 16}
+    assert httpx.post(f"{url}/square?offset=101", json={"x": 3}).status_code == 422
+    missing = httpx.post(f"{url}/square", json={"y": 3})
+    assert missing.status_code == 422
+    assert missing.json()["detail"] == 'send {"x": <an integer>}'
+    assert httpx.post(f"{url}/square", json={"x": 10**7}).status_code == 413
+    # A file part arrives as bytes, which this task does not take.
+    assert httpx.post(f"{url}/square", files={"file": ("x", b"3")}).status_code == 422
+    cat = httpx.post(f"{url}/cls", files={"file": ("cat.jpg", photo_bytes("chelsea"))})
+    assert cat.json()["prediction"]["label"] == "Egyptian cat"
+
+
+def test_a_job_of_the_task_completes(server: Server) -> None:
+    response = httpx.post(f"{server.url}/square/jobs", json={"inputs": [2, UNLUCKY, "x", 4]})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    final = poll_until_finished(server, job_id)[-1]
+    assert final["task"] == "square"
+    assert final["status"] == "succeeded"
+    assert final["progress"] == {"done": 4, "failed": 2, "total": 4}
+    assert final["results"][0] == {"square": 4}
+    assert final["results"][1]["error"]["status"] == 500
+    assert final["results"][2]["error"]["status"] == 422
+    assert final["results"][3] == {"square": 16}
+    assert read_events(server, job_id)[-1][1] == "done"
+    # POST /jobs is the first task's.
+    cls_job = httpx.post(f"{server.url}/jobs", files=[("files", ("c.jpg", photo_bytes("coffee")))])
+    assert poll_until_finished(server, cls_job.json()["job_id"])[-1]["task"] == "cls"
+
+
+def test_metrics_metadata_and_openapi_carry_the_task(server: Server) -> None:
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric(text, "batcher_batch_size_count", task="square") > 0
+    assert metric(text, "batcher_batch_size_count", task="cls") > 0
+    meta = httpx.get(f"{server.url}/metadata").json()
+    assert set(meta["tasks"]) == {"cls", "square"}
+    assert meta["tasks"]["square"]["model"]["name"] == "square"
+    # Two tasks share the worker's model threads.
+    assert meta["tasks"]["square"]["model"]["threads"] == 1
+    assert meta["model"]["name"] == "efficientnet_lite0"  # the first task, as before
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert {"/cls", "/cls/jobs", "/square", "/square/jobs"} <= set(paths)
+    assert "offset" in str(paths["/square"]["post"]["parameters"])
+
+
+@pytest.mark.parametrize(
+    ("tasks", "message"),
+    [
+        (f"{HERE}:NotATask", "not a subclass of serving.Task"),
+        (f"{HERE}:Incomplete", "does not implement decode, predict_batch, encode"),
+        (f"{HERE}:Square,{HERE}:Square", "names 'square' twice"),
+        (f"classification.task:ImageClassification,{HERE}:ClashesWithCls", "twice"),
+        (f"{HERE}:Nowhere", "has no Nowhere"),
+        ("no_such_package.module:Task", "cannot import no_such_package.module"),
+        ("classification.task", "must look like package.module:Class"),
+    ],
+)
+def test_tasks_that_cannot_be_served_are_refused_naming_tasks(tasks: str, message: str) -> None:
+    with pytest.raises(ValueError, match="TASKS") as raised:
+        load_tasks(tasks)
+    assert message in str(raised.value)
+
+
+def test_a_bad_tasks_setting_stops_startup_with_its_message(tmp_path: Path) -> None:
+    server = launch({"TASKS": f"{HERE}:Incomplete"}, tmp_path / "bad.log")
+    try:
+        assert server.process.wait(timeout=60) != 0
+    finally:
+        stop(server)
+    assert "TASKS entry" in server.output()
+    assert "does not implement" in server.output()
+
+
+def test_the_example_walkthrough(tmp_path: Path) -> None:
+    """The commands of examples/README.md, run as written there."""
+    env = {"TASKS": "examples.sentiment:Sentiment"}
+    with running_server(env, tmp_path / "example.log") as server:
+        curl = subprocess.run(
+            [
+                "curl", "-s", f"{server.url}/sentiment",
+                "-H", "content-type: application/json",
+                "-d", '{"text": "What a wonderful, friendly place"}',
+            ],
+            capture_output=True, text=True, check=True, timeout=30,
+        )  # fmt: skip
+        assert '"label":"positive"' in curl.stdout, curl.stdout
+        texts = ["I loved it", "rude and slow", "not good at all", "a table"]
+        job = httpx.post(f"{server.url}/sentiment/jobs", json={"texts": texts}).json()
+        final = poll_until_finished(server, job["job_id"])[-1]
+        labels = [result["label"] for result in final["results"]]
+        assert labels == ["positive", "negative", "negative", "neutral"]
