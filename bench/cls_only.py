@@ -1,0 +1,28 @@
+"""Only /cls under load, at each concurrency level of bench/run.py: a quick before/after
+check for a change to the request path (about a minute; the full `make bench` takes seven).
+
+    .venv/bin/python bench/cls_only.py
+"""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import run  # bench/run.py, importable once its folder is on the path
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        images = work / "images"
+        images.mkdir()
+        run.make_images(images)
+        report = {"machine": run.machine()}
+        report |= run.servers(["ours (defaults)"], images, work, 8.0)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
