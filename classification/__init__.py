@@ -5,7 +5,6 @@ from classification.embedding import Embedder
 from classification.errors import BadImage, ImageError, ImageTooLarge, UnsupportedImage
 from classification.image_model import BackendMismatch, ImageModel
 from classification.models import DEFAULT_MODEL, LoadedModel, check_model_name, load_model
-from serving.warmup import choose_batch_size
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -21,6 +20,5 @@ __all__ = [
     "LoadedModel",
     "UnsupportedImage",
     "check_model_name",
-    "choose_batch_size",
     "load_model",
 ]

@@ -3,7 +3,7 @@
 ``TorchBackend`` here, ``OnnxBackend`` in onnx_backend.py; the seam is ``Backend``.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -64,18 +64,26 @@ class TorchBackend:
         return outputs
 
 
+def forward_random(backend: Backend) -> Callable[[int], None]:
+    """``run(n)``: one forward pass of a batch of ``n`` random images, waited for on a
+    GPU, as the warm-up and its timings need. Each batch size's pixels are made once."""
+    size = backend.preprocess.crop_size
+    rng = np.random.default_rng(0)
+    batches: dict[int, np.ndarray] = {}
+
+    def run(n: int) -> None:
+        if n not in batches:
+            batches[n] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        backend.forward(batches[n])
+        if backend.device.type == "cuda":
+            torch.cuda.synchronize(backend.device)
+
+    return run
+
+
 def seconds_per_batch(
     backend: Backend, batch_sizes: Sequence[int], rounds: int = 5
 ) -> dict[int, float]:
     """Best-of-``rounds`` wall time of one forward pass per batch size, on random pixels
     (see ``serving.warmup.time_batches``)."""
-    size = backend.preprocess.crop_size
-    rng = np.random.default_rng(0)
-    batches = {n: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) for n in batch_sizes}
-
-    def run(n: int) -> None:
-        backend.forward(batches[n])
-        if backend.device.type == "cuda":
-            torch.cuda.synchronize(backend.device)
-
-    return time_batches(run, batch_sizes, rounds)
+    return time_batches(forward_random(backend), batch_sizes, rounds)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from classification.backend import Backend, TorchBackend, seconds_per_batch
+from classification.backend import Backend, TorchBackend, forward_random, seconds_per_batch
 from classification.decode import decode_image
 from classification.models import LoadedModel
 from serving.task import resolve_device
@@ -124,17 +124,7 @@ class ImageModel:
         report: dict[str, Any] = {"backend": self.backend.name}
         if self.backend is self.torch_backend and self._channels_last_setting == "auto":
             report["memory_format_ms"] = self._choose_memory_format(min(max_batch_size, 4))
-        size = self.preprocess.crop_size
-        rng = np.random.default_rng(0)
-        batches: dict[int, np.ndarray] = {}
-
-        def run(n: int) -> None:
-            if n not in batches:
-                batches[n] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-            self.backend.forward(batches[n])
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-
+        run = forward_random(self.backend)
         report |= tune_batch_size(run, max_batch_size, tune=tune, unit="images")
         report["seconds"] = round(time.perf_counter() - started, 3)
         self.warmup_report = report
