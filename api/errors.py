@@ -1,7 +1,5 @@
 """The one place where errors become HTTP status codes."""
 
-from collections.abc import Awaitable, Callable
-
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -42,19 +40,13 @@ def describe(exc: BaseException) -> dict[str, int | str]:
     return {"status": 500, "detail": f"internal error: {type(exc).__name__}; see the server log"}
 
 
-def _handler(status: int, advice: str) -> Callable[[Request, Exception], Awaitable[Response]]:
-    async def handle(request: Request, exc: Exception) -> Response:
-        headers = None
-        if status == 503:
-            headers = {"Retry-After": str(getattr(exc, "retry_after", RETRY_AFTER_S))}
-        return JSONResponse({"detail": f"{exc}{advice}"}, status, headers=headers)
-
-    return handle
-
-
-async def _input_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, InputError)
-    return JSONResponse({"detail": f"{exc}{exc.advice}"}, exc.status)
+async def _handle(request: Request, exc: Exception) -> Response:
+    body = describe(exc)
+    status = int(body["status"])
+    headers = None
+    if status == 503:
+        headers = {"Retry-After": str(getattr(exc, "retry_after", RETRY_AFTER_S))}
+    return JSONResponse({"detail": body["detail"]}, status, headers=headers)
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -63,7 +55,6 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    for exc_type, status, advice in _MAPPING:
-        app.add_exception_handler(exc_type, _handler(status, advice))
-    app.add_exception_handler(InputError, _input_error)
+    for exc_type, _, _ in _MAPPING:
+        app.add_exception_handler(exc_type, _handle)
     app.add_exception_handler(ClientDisconnected, _client_gone)
