@@ -17,6 +17,7 @@ from jobs import (
     StoreLimits,
     WorkItem,
 )
+from jobs.runner import DescribeError
 from serving.errors import NotReady
 from serving.registry import load_tasks
 from serving.service import DecodePools, TaskService
@@ -52,7 +53,8 @@ class Engine:
     are shared.
     """
 
-    def __init__(self, settings: Settings, describe_error: Any) -> None:
+    def __init__(self, settings: Settings, describe_error: DescribeError) -> None:
+        """``describe_error`` turns a failed job item's exception into its error result."""
         self.settings = settings
         self.services: dict[str, TaskService] = {}
         self.stopping = asyncio.Event()
