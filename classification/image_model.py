@@ -67,7 +67,6 @@ class ImageModel:
                     "BACKEND=onnxruntime runs on the CPU: use DEVICE=cpu or BACKEND=torch"
                 )
             self._try_onnx(cache_dir or Path(".model-cache"), threads or torch.get_num_threads())
-        self.warmup_report: dict[str, Any] = {}
 
     def _try_onnx(self, cache_dir: Path, threads: int) -> None:
         from classification.onnx_backend import OnnxBackend, OnnxUnavailable, exported_model
@@ -127,7 +126,6 @@ class ImageModel:
         run = forward_random(self.backend)
         report |= tune_batch_size(run, max_batch_size, tune=tune, unit="images")
         report["seconds"] = round(time.perf_counter() - started, 3)
-        self.warmup_report = report
         return report
 
     def _choose_memory_format(self, batch_size: int) -> dict[str, Any]:
@@ -153,5 +151,4 @@ class ImageModel:
             "backend_fallback_reason": self.fallback_reason,
             "channels_last": getattr(backend, "channels_last", None),
             "input_size": self.preprocess.crop_size,
-            "warmup": self.warmup_report,
         }
