@@ -80,7 +80,10 @@ class MicroBatcher(Generic[In, Out]):
         priorities: int = 1,
         shed_late: bool = True,
         min_share: float = 0.0,
+        on_crash: Callable[[BaseException], None] | None = None,
     ) -> None:
+        """``on_crash`` is called if the batch loop itself dies (a bug): the batcher then
+        serves nothing more, and its owner should stop the process."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         if max_batch_delay_s < 0:
@@ -111,6 +114,7 @@ class MicroBatcher(Generic[In, Out]):
         self._last_batch_size = 0
         self.min_share = min_share
         self._since_lower = 0  # items computed since the last one of a priority above 0
+        self.on_crash = on_crash
 
     @property
     def accepting(self) -> bool:
@@ -395,21 +399,24 @@ class MicroBatcher(Generic[In, Out]):
 
         def finished(done: "asyncio.Future[Sequence[Out | BaseException]]") -> None:
             seconds = time.monotonic() - started
-            self.admission.batch_done(seconds, len(batch))
+            if self._resolve(batch, done):
+                # A batch that failed as a whole may have failed fast: its time says
+                # nothing about the model's pace.
+                self.admission.batch_done(seconds, len(batch))
             self.observer.batch_done(queue_waits, seconds)
-            self._resolve(batch, done)
 
         running.add_done_callback(finished)
 
     def _resolve(
         self, batch: list[_Pending[In, Out]], done: "asyncio.Future[Sequence[Out | BaseException]]"
-    ) -> None:
+    ) -> bool:
+        """Settles each item's future; False when the batch failed as a whole."""
         if self._running is done:
             self._running_batch = []
         if done.cancelled():
             for pending in batch:
                 _set_exception(pending.future, BatcherClosed(f"{self.name} stopped mid-batch"))
-            return
+            return False
         error = done.exception()
         if error is None:
             results = done.result()
@@ -422,13 +429,14 @@ class MicroBatcher(Generic[In, Out]):
             self.stats.failed_items += len(batch)
             for pending in batch:
                 _set_exception(pending.future, error)
-            return
+            return False
         for pending, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
                 self.stats.failed_items += 1
                 _set_exception(pending.future, result)
             else:
                 _set_result(pending.future, result)
+        return True
 
     def _fail_everything(self, error: BatcherError) -> None:
         running = self._running
@@ -450,3 +458,5 @@ class MicroBatcher(Generic[In, Out]):
             logger.error("%s: batch loop crashed", self.name, exc_info=error)
             self._accepting = False
             self._fail_everything(BatcherClosed(f"{self.name} loop crashed: {error!r}"))
+            if self.on_crash is not None:
+                self.on_crash(error)

@@ -147,17 +147,24 @@ class TaskService:
         interactive = 0 if bulk else 1
         self._decoding += 1
         self._decoding_interactive += interactive
-        try:
-            decode = partial(self._timed_decode, payload, options)
-            pool = self.pools.bulk if bulk else self.pools.interactive
-            pending = asyncio.get_running_loop().run_in_executor(pool, decode)
-            async with asyncio.timeout_at(deadline):
-                item, seconds = await pending
-        except TimeoutError:
-            raise DeadlineExceeded("timed out while decoding the input") from None
-        finally:
+
+        def finished(done: "asyncio.Future[tuple[Any, float]]") -> None:
+            # When the thread is done, not when the caller stops waiting: a decode that
+            # timed out still occupies its thread until it ends.
             self._decoding -= 1
             self._decoding_interactive -= interactive
+            if not done.cancelled():
+                done.exception()  # retrieved, when nobody awaits it any more
+
+        decode = partial(self._timed_decode, payload, options)
+        pool = self.pools.bulk if bulk else self.pools.interactive
+        pending = asyncio.get_running_loop().run_in_executor(pool, decode)
+        pending.add_done_callback(finished)
+        try:
+            async with asyncio.timeout_at(deadline):
+                item, seconds = await asyncio.shield(pending)
+        except TimeoutError:
+            raise DeadlineExceeded("timed out while decoding the input") from None
         self._decode_seconds.add(seconds)
         return item
 

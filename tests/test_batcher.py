@@ -553,3 +553,39 @@ async def test_without_a_minimum_share_urgent_items_always_go_first() -> None:
     order = await bulk_items_behind_an_urgent_flood(model, batcher)
     assert order[-2:] == [100, 101], model.batches
     await batcher.stop(drain_timeout=1)
+
+
+async def test_a_batch_that_fails_fast_leaves_the_pace_estimate_alone() -> None:
+    def broken(items: list[int]) -> Sequence[int]:
+        raise RuntimeError("the model fell over")
+
+    batcher = make_batcher(broken, max_batch_size=1, delay_s=0)
+    batcher.expect_seconds_per_item(0.5)
+    with pytest.raises(RuntimeError, match="fell over"):
+        await batcher.submit(1)
+    # A failure in microseconds is no measure of the model: admission still expects 0.5 s.
+    assert batcher.expected_wait() == pytest.approx(0.5)
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_a_crashed_batch_loop_tells_its_owner_and_refuses_work() -> None:
+    crashes: list[BaseException] = []
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        FakeModel(),
+        max_batch_size=2,
+        max_batch_delay_s=0,
+        max_queue_size=8,
+        on_crash=crashes.append,
+    )
+
+    def bug(batch: object) -> None:
+        raise AssertionError("a bug in the batch loop")
+
+    batcher._take_live = bug  # type: ignore[method-assign]
+    batcher.start()
+    with pytest.raises(BatcherClosed, match="crashed"):
+        await asyncio.wait_for(batcher.submit(1), timeout=5)
+    assert [type(error) for error in crashes] == [AssertionError]
+    with pytest.raises(BatcherClosed):
+        await batcher.submit(2)
+    await batcher.stop(drain_timeout=1)
