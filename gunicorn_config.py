@@ -10,8 +10,12 @@ inside GRACEFUL_TIMEOUT (settings.py refuses values that do not fit).
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 from settings import get_settings
+
+# What prometheus_client's multiprocess mode names its files: {kind}_{pid}.db.
+_METRIC_FILE_PREFIXES = ("counter_", "gauge_", "histogram_", "summary_")
 
 _settings = get_settings()
 
@@ -27,16 +31,27 @@ loglevel = _settings.log_level
 errorlog = "-"
 accesslog = None  # the app logs one line per request, with its request id
 
-# Every worker writes its metrics here and /metrics sums them. The directory must be empty
-# at start, so a fresh one is made per server unless the operator chose one. It must be
-# set before prometheus_client is first imported, which fixes its storage at import.
+# Every worker writes its metrics here and /metrics sums them. Files left by an earlier
+# server would be summed too, so a fresh directory is made per server unless the operator
+# chose one; in a chosen one only prometheus_client's own files are removed, nothing
+# else. It must be set before prometheus_client is first imported, which fixes its
+# storage at import.
 _made_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if _made_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-")
-_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-os.makedirs(_metrics_dir, exist_ok=True)
-for _name in os.listdir(_metrics_dir):
-    os.remove(os.path.join(_metrics_dir, _name))
+_metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+_metrics_dir.mkdir(parents=True, exist_ok=True)
+for _stale in _metrics_dir.glob("*.db"):
+    if _stale.is_file() and _stale.name.startswith(_METRIC_FILE_PREFIXES):
+        _stale.unlink()
+
+
+def post_fork(server: object, worker: object) -> None:
+    # Starts the worker's timeout clock at fork. Left alone, gunicorn's first check
+    # compares the heartbeat file's wall-clock time with its monotonic clock and never
+    # fires, so a worker stuck before its first heartbeat (importing, loading) would
+    # never be replaced. The worker class beats while the model loads.
+    worker.tmp.notify()  # type: ignore[attr-defined]
 
 
 def child_exit(server: object, worker: object) -> None:

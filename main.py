@@ -2,6 +2,7 @@
 starts uvicorn on HOST:PORT."""
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -62,15 +63,25 @@ def unready_on_termination(engine: Engine) -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def stop_this_process(reason: str) -> None:
+    """Asks the server to shut down as on SIGTERM: requests in flight are answered, then
+    the process exits, and its supervisor (gunicorn, Kubernetes, Docker) starts another."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True) -> FastAPI:
     """The app serving the tasks TASKS names. Raises ValueError naming TASKS when a task
-    cannot be imported or does not implement the interface."""
+    cannot be imported or does not implement the interface.
+
+    With ``exit_on_failure`` the process stops itself when it can no longer serve (a
+    failed warm-up, a dead batcher) instead of living on unready; tests that run the app
+    in-process turn it off."""
     settings = settings or get_settings()
     tasks = load_tasks(settings.tasks)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = Engine(settings, describe)
+        engine = Engine(settings, describe, stop_this_process if exit_on_failure else None)
         app.state.engine = engine
         try:
             await engine.start(tasks)
@@ -122,6 +133,9 @@ def run() -> None:
         timeout_graceful_shutdown=settings.connection_grace_s,
         timeout_keep_alive=settings.keepalive,
     )
+    engine: Engine | None = getattr(app.state, "engine", None)
+    if engine is not None and engine.failure is not None:
+        sys.exit(f"error: {engine.failure}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,13 +54,21 @@ class Engine:
     are shared.
     """
 
-    def __init__(self, settings: Settings, describe_error: DescribeError) -> None:
-        """``describe_error`` turns a failed job item's exception into its error result."""
+    def __init__(
+        self,
+        settings: Settings,
+        describe_error: DescribeError,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        """``describe_error`` turns a failed job item's exception into its error result.
+        ``on_failure`` is called once if the engine can no longer serve (a failed warm-up,
+        a dead batcher): the process should then exit so that its supervisor restarts it."""
         self.settings = settings
         self.services: dict[str, TaskService] = {}
         self.stopping = asyncio.Event()
         self.warmed_up = asyncio.Event()  # every task
-        self.warmup_error: str | None = None
+        self.failure: str | None = None
+        self._on_failure = on_failure
         self._pools: DecodePools | None = None
         self._warmup_task: asyncio.Task[None] | None = None
         self.job_store = open_job_store(settings)
@@ -101,7 +110,7 @@ class Engine:
             self.jobs.concurrency = 2 * settings.batch_size_ceiling
         self._pools = DecodePools(settings.decode_threads(device.type))
         for task in tasks:
-            service = TaskService(task, settings, self._pools)
+            service = TaskService(task, settings, self._pools, on_crash=self._batcher_crashed)
             service.batcher.start()
             self.services[task.name] = service
         if self.jobs_disabled:
@@ -120,8 +129,20 @@ class Engine:
 
     def _on_warmup_done(self, task: "asyncio.Task[None]") -> None:
         if not task.cancelled() and (error := task.exception()) is not None:
-            self.warmup_error = f"{type(error).__name__}: {error}"
-            logger.error("warm-up failed; the server stays unready", exc_info=error)
+            self.fail(f"warm-up failed ({type(error).__name__}: {error})", error)
+
+    def _batcher_crashed(self, error: BaseException) -> None:
+        self.fail(f"a batch loop crashed ({type(error).__name__}: {error})", error)
+
+    def fail(self, reason: str, error: BaseException) -> None:
+        """Marks the engine as unable to serve: liveness and readiness fail from now on,
+        and ``on_failure`` is told, once."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        logger.critical("%s; this process cannot serve and stops", reason, exc_info=error)
+        if self._on_failure is not None:
+            self._on_failure(reason)
 
     async def _run_job_item(self, item: WorkItem, data: bytes) -> ItemResult:
         service = self.services.get(item.task)
@@ -163,10 +184,10 @@ class Engine:
 
     def readiness(self) -> str | None:
         """None when every task is warm, otherwise why not."""
+        if self.failure is not None:
+            return f"{self.failure}; see the server log"
         if self.stopping.is_set():
             return "the server is shutting down"
-        if self.warmup_error:
-            return f"warm-up failed ({self.warmup_error}); see the server log"
         if not self.warmed_up.is_set():
             return "the models are loading and warming up"
         return None

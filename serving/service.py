@@ -4,6 +4,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -53,7 +54,13 @@ class TaskService:
     """Serves one loaded task: decodes in the shared pools, batches, answers by the
     deadline. Refuses up front what it could not answer in time."""
 
-    def __init__(self, task: Task[Any, Any], settings: Settings, pools: DecodePools) -> None:
+    def __init__(
+        self,
+        task: Task[Any, Any],
+        settings: Settings,
+        pools: DecodePools,
+        on_crash: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.task = task
         self.name = task.name
         self.settings = settings
@@ -75,6 +82,7 @@ class TaskService:
             priorities=2,
             shed_late=settings.shed_late_requests,
             min_share=settings.job_min_share,
+            on_crash=on_crash,
         )
 
     async def warm_up(self) -> None:

@@ -4,13 +4,15 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from harness.server import GUNICORN, Server, launch, running_server, stop, wait_ready
+from harness.server import GUNICORN, ROOT, Server, launch, running_server, stop, wait_ready
 from tests.images import photo_bytes
 
 pytestmark = pytest.mark.anyio
@@ -163,3 +165,22 @@ def test_one_log_line_per_request_with_the_request_id_echoed(tmp_path: Path) -> 
     assert len(lines) == 1, server.output()
     assert re.search(r"POST /cls 200 \d+\.\dms request_id=trace-abc\.123", lines[0])
     assert "trace-abc.123" in log_file.read_text()
+
+
+def test_an_operators_metrics_directory_loses_only_stale_metric_files(tmp_path: Path) -> None:
+    chosen = tmp_path / "metrics"
+    (chosen / "archive").mkdir(parents=True)
+    (chosen / "README").write_text("the operator's own notes")
+    (chosen / "counter_4242.db").write_bytes(b"stale samples of a dead worker")
+    (chosen / "gauge_livesum_4242.db").write_bytes(b"stale")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(chosen)}
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import gunicorn_config"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert sorted(p.name for p in chosen.iterdir()) == ["README", "archive"]

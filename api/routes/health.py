@@ -5,14 +5,18 @@ from fastapi.responses import JSONResponse
 
 from api.deps import EngineDep
 from api.errors import RETRY_AFTER_S
+from api.schemas import ErrorBody
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health/live")
-async def live() -> dict[str, str]:
-    """200 while the process is up."""
-    return {"status": "alive"}
+@router.get("/health/live", responses={503: {"model": ErrorBody}})
+async def live(engine: EngineDep) -> JSONResponse:
+    """200 while the process can serve, or will once warm; 503 once it cannot (a failed
+    warm-up, a dead batcher), as it exits for its supervisor to start a fresh one."""
+    if engine.failure is not None:
+        return JSONResponse({"detail": f"{engine.failure}; see the server log"}, 503)
+    return JSONResponse({"status": "alive"})
 
 
 @router.get("/health/ready")
