@@ -69,13 +69,12 @@ class ImageModel:
             self._try_onnx(cache_dir or Path(".model-cache"), threads or torch.get_num_threads())
 
     def _try_onnx(self, cache_dir: Path, threads: int) -> None:
-        from classification.onnx_backend import OnnxBackend, OnnxUnavailable, exported_model
+        from classification.onnx_backend import OnnxUnavailable, cached_backend
 
         try:
-            path = exported_model(
-                self.model.module, self.model.name, self.preprocess.crop_size, cache_dir
+            onnx = cached_backend(
+                self.model.module, self.model.name, self.preprocess, cache_dir, threads
             )
-            onnx = OnnxBackend(path, self.preprocess, threads)
             self._check_agreement(onnx)
         except (OnnxUnavailable, BackendMismatch, ImportError, OSError) as exc:
             self.fallback_reason = f"{type(exc).__name__}: {exc}"

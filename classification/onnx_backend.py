@@ -64,6 +64,23 @@ def exported_model(module: nn.Module, name: str, crop_size: int, cache_dir: Path
     return path
 
 
+def cached_backend(
+    module: nn.Module, name: str, preprocess: Preprocess, cache_dir: Path, threads: int
+) -> "OnnxBackend":
+    """An ONNX Runtime session on the cached export of ``module``. A cached file that
+    ONNX Runtime cannot load (truncated, corrupt, from an incompatible version) is
+    replaced by a fresh export, once."""
+    path = exported_model(module, name, preprocess.crop_size, cache_dir)
+    try:
+        return OnnxBackend(path, preprocess, threads)
+    except OnnxUnavailable as exc:
+        logger.warning("the cached ONNX export is unusable, exporting again: %s", exc)
+        path.unlink(missing_ok=True)
+    return OnnxBackend(
+        exported_model(module, name, preprocess.crop_size, cache_dir), preprocess, threads
+    )
+
+
 class OnnxBackend:
     """ONNX Runtime on the CPU. Normalisation happens in NumPy, on the way in."""
 
@@ -79,9 +96,14 @@ class OnnxBackend:
         # Idle intra-op threads sleep instead of spinning: the decode threads need the
         # cores between batches (on 2 cores, 20-30% more images per second under load).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(
-            str(model_path), options, providers=["CPUExecutionProvider"]
-        )
+        try:
+            self.session = onnxruntime.InferenceSession(
+                str(model_path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime's error classes derive from Exception
+            raise OnnxUnavailable(
+                f"ONNX Runtime cannot load {model_path}: {type(exc).__name__}: {exc}"
+            ) from exc
         self.device = torch.device("cpu")
         self.preprocess = preprocess
         self.model_path = model_path

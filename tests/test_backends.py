@@ -57,6 +57,17 @@ def test_export_is_cached_and_reused_on_restart(
     assert list(cache_dir.glob("*.onnx")) == [exported]
 
 
+def test_a_corrupt_cached_export_is_replaced_by_a_fresh_one(
+    onnx_classifier: Classifier, tmp_path: Path
+) -> None:
+    [exported] = onnx_classifier.backend.model_path.parent.glob("efficientnet_lite0-*.onnx")
+    corrupt = tmp_path / exported.name
+    corrupt.write_bytes(exported.read_bytes()[:4096])  # as a disk-full crash leaves it
+    again = Classifier(load_model("efficientnet_lite0"), backend="onnxruntime", cache_dir=tmp_path)
+    assert again.backend.name == "onnxruntime", again.fallback_reason
+    assert corrupt.stat().st_size == exported.stat().st_size
+
+
 def test_other_weights_get_their_own_cache_entry(cache_dir: Path) -> None:
     model = load_model("efficientnet_lite0")
     with torch.no_grad():
