@@ -9,7 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOST=0.0.0.0 \
     PORT=5001 \
-    MODEL_CACHE_DIR=/var/cache/microbatch
+    MODEL_CACHE_DIR=/var/cache/microbatch \
+    TORCH_HOME=/var/cache/microbatch/torch
 
 WORKDIR /app
 
@@ -26,8 +27,10 @@ COPY jobs/ jobs/
 COPY serving/ serving/
 COPY examples/ examples/
 
-RUN useradd --system --uid 10001 --no-create-home app \
-    && mkdir -p /var/cache/microbatch && chown app /var/cache/microbatch
+# A home of its own, and TORCH_HOME in the cache directory: a torchvision MODEL without
+# WEIGHTS downloads its weights there (libraries also write under ~/.cache).
+RUN useradd --system --uid 10001 --create-home --home-dir /home/app app \
+    && mkdir -p /var/cache/microbatch/torch && chown -R app /var/cache/microbatch
 USER app
 
 EXPOSE 5001

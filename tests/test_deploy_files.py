@@ -8,7 +8,7 @@ import ast
 import json
 import re
 import shlex
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -105,6 +105,22 @@ def test_dockerfile_runs_as_non_root_and_caches_dependencies_before_code() -> No
         i for i, (k, args) in enumerate(DOCKERFILE) if k == "COPY" and "main.py" in args
     )
     assert install < first_code
+
+
+def test_the_image_user_has_a_home_and_a_writable_torch_home() -> None:
+    """torchvision downloads weights under TORCH_HOME (default ~/.cache/torch): without a
+    home the app user could not cache a MODEL given without WEIGHTS."""
+    [useradd] = [args for k, args in DOCKERFILE if k == "RUN" and "useradd" in args]
+    assert "--create-home" in useradd
+    assert "--no-create-home" not in useradd
+    env = dict(
+        pair.split("=", 1) for k, args in DOCKERFILE if k == "ENV" for pair in shlex.split(args)
+    )
+    torch_home = PurePosixPath(env["TORCH_HOME"])
+    owned = re.search(r"chown -R app (\S+)", useradd)
+    assert owned is not None
+    assert torch_home.is_relative_to(owned.group(1))
+    assert f"mkdir -p {torch_home}" in useradd
 
 
 def test_dockerfile_copies_every_module_the_app_imports() -> None:
