@@ -80,8 +80,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image
     if mode in _SIXTEEN_BIT_MODES:
-        wide = np.asarray(image).astype(np.uint32)
-        narrow = (np.clip(wide, 0, 65535) * 255 + 32767) // 65535
+        # Signed: mode I holds 32-bit signed values, and a negative one cast to unsigned
+        # first would wrap around to white instead of clipping to black.
+        wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        narrow = (wide * 255 + 32767) // 65535
         return Image.fromarray(narrow.astype(np.uint8)).convert("RGB")
     if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))

@@ -92,3 +92,12 @@ def test_pixel_limit_is_checked_from_the_header() -> None:
 def test_bad_input_raises_a_named_error(data: bytes, error: type[Exception]) -> None:
     with pytest.raises(error):
         decode(data)
+
+
+def test_32_bit_signed_pixels_clip_to_black_and_white() -> None:
+    values = np.array([[-1000, 0, 65535, 100_000]], dtype=np.int32).repeat(4, axis=0)
+    buffer = io.BytesIO()
+    Image.fromarray(values, mode="I").save(buffer, format="TIFF")
+    decoded = np.asarray(decode(buffer.getvalue()))
+    # Negative is below black: it must not wrap around to a huge unsigned value (white).
+    assert decoded[0, :, 0].tolist() == [0, 0, 255, 255]
