@@ -51,11 +51,20 @@ class AccessLogMiddleware:
             logger.info(
                 "%s %s %d %.1fms request_id=%s",
                 method,
-                scope["path"],
+                _loggable(scope["path"]),
                 status,
                 seconds * 1000,
                 request_id,
             )
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x20\x7f-\x9f\u2028\u2029]")
+
+
+def _loggable(path: str) -> str:
+    """The percent-decoded path with control characters, line breaks and spaces encoded
+    again, so that a request for ``/%0Afake`` cannot forge a log line."""
+    return _UNPRINTABLE.sub(lambda m: "".join(f"%{b:02X}" for b in m[0].encode()), path)
 
 
 def _incoming_request_id(scope: Scope) -> str | None:

@@ -2,6 +2,7 @@
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from api.limits import BodyTooLarge
 from batching import BatcherClosed, DeadlineExceeded, QueueFull
@@ -58,3 +59,5 @@ def install_error_handlers(app: FastAPI) -> None:
     for exc_type, _, _ in _MAPPING:
         app.add_exception_handler(exc_type, _handle)
     app.add_exception_handler(ClientDisconnected, _client_gone)
+    # Starlette's: the client went away while its body was being read.
+    app.add_exception_handler(ClientDisconnect, _client_gone)

@@ -1,0 +1,94 @@
+"""The HTTP layer's edges, in-process: what reaches the log, clients that go away, and
+work kept off the event loop. A small task stands in for the model."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from main import create_app
+from settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[FastAPI]:
+    app = create_app(Settings(tasks="tests.test_tasks_e2e:Square"), exit_on_failure=False)
+    async with app.router.lifespan_context(app):
+        await asyncio.wait_for(app.state.engine.warmed_up.wait(), timeout=60)
+        yield app
+
+
+def client_of(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app")
+
+
+async def test_a_percent_encoded_line_break_cannot_forge_an_access_log_line(
+    app: FastAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged = "/x%0D%0A2026-01-01 INFO 1 access: GET /admin 200 1.0ms request_id=forged"
+    with caplog.at_level(logging.INFO, logger="access"):
+        async with client_of(app) as client:
+            assert (await client.get(forged)).status_code == 404
+    [line] = [r.getMessage() for r in caplog.records if r.name == "access"]
+    assert "\n" not in line
+    assert "\r" not in line
+    assert line.startswith("GET /x%0D%0A2026-01-01%20INFO")
+
+
+MULTIPART = b"--b\r\ncontent-disposition: form-data; name=file; filename=a.jpg\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        (b"application/json", b'{"x": 12' + b" " * 10_000),
+        (b"multipart/form-data; boundary=b", MULTIPART + b"\xff" * 10_000),
+    ],
+)
+async def test_a_client_that_leaves_mid_upload_is_no_server_error(
+    app: FastAPI, caplog: pytest.LogCaptureFixture, content_type: bytes, body: bytes
+) -> None:
+    messages = iter(
+        [
+            {"type": "http.request", "body": body[:100], "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return next(messages)
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/square",
+        "raw_path": b"/square",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"app"),
+            (b"content-type", content_type),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
+    with caplog.at_level(logging.INFO):
+        await app(scope, receive, send)
+    [start] = [m for m in sent if m["type"] == "http.response.start"]
+    assert start["status"] == 499
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "POST /square 499" in caplog.text
