@@ -1,11 +1,13 @@
 """Reads what a request carries for a task: one multipart file or a JSON body, or for a
 job, many files or a JSON list. Only parsing: the task decodes, off the event loop."""
 
+import asyncio
 import json
 
 from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 
+from api.json_pieces import loads_in_pieces
 from serving import InputError, Payload
 
 # One file, and a few small text fields at most.
@@ -23,9 +25,16 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+# A body this small parses in well under a millisecond: not worth a thread.
+PARSE_INLINE_BYTES = 256 * 1024
+
+
 async def _json_body(request: Request, how_to_send: str) -> object:
+    body = await request.body()
     try:
-        return json.loads(await request.body())
+        if len(body) <= PARSE_INLINE_BYTES:
+            return json.loads(body)
+        return await asyncio.to_thread(loads_in_pieces, body)
     except (ValueError, UnicodeDecodeError):
         raise HTTPException(400, f"the body is not valid JSON: {how_to_send}") from None
 

@@ -1,5 +1,6 @@
 """The asynchronous job API: submit, poll, stream progress, cancel."""
 
+import asyncio
 import re
 from typing import Annotated, Any
 
@@ -11,7 +12,7 @@ from api.errors import describe
 from api.payloads import read_job_payloads
 from api.sse import job_events
 from jobs import JobStatus, JobStore
-from serving import Engine, InputError
+from serving import Engine, InputError, Payload
 from serving.service import pack_job_item
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -49,16 +50,21 @@ async def create_job(
     await store.admit(int(declared) if declared.isdigit() else settings.max_job_bytes)
     field = engine.services[task].task.jobs_field
     items = await read_job_payloads(request, settings.max_job_files, field)
-    payload = [
-        {"error": describe(item)} if isinstance(item, InputError) else pack_job_item(item)
-        for item in items
-    ]
+    # Off the event loop: a JSON item is serialised again, up to MAX_JOB_BYTES in all.
+    payload = await asyncio.to_thread(_pack, items)
     del items
     job, created = await store.create(payload, idempotency_key, task)
     headers = {"Location": f"/jobs/{job['job_id']}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
     return JSONResponse(job, 202, headers=headers)
+
+
+def _pack(items: list[Payload | InputError]) -> list[bytes | dict[str, Any]]:
+    return [
+        {"error": describe(item)} if isinstance(item, InputError) else pack_job_item(item)
+        for item in items
+    ]
 
 
 @router.post("", status_code=202)
