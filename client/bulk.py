@@ -1,8 +1,13 @@
-"""The two ways of classifying many images, with retries and a progress bar."""
+"""The two ways of classifying many images, with retries and a progress bar.
+
+One item's trouble stays that item's: a refused or failed request is retried with
+jittered backoff, and what still fails is recorded in the output, never the end of the run.
+"""
 
 import argparse
 import asyncio
 import json
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +18,15 @@ from tqdm import tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 Failure = tuple[Path, str]
+Result = dict[str, Any]
+
+# Room for each multipart part's headers when a job's size is reckoned.
+PART_OVERHEAD_BYTES = 512
+# Used when the server's /metadata does not say (the server's defaults).
+DEFAULT_MAX_JOB_FILES = 1000
+DEFAULT_MAX_JOB_BYTES = 256 * 1024 * 1024
+# How long the event stream of one job may stay lost before the client gives up on it.
+EVENTS_PATIENCE_S = 300.0
 
 
 def classify_all(files: list[Path], args: argparse.Namespace, out: IO[str]) -> list[Failure]:
@@ -23,7 +37,7 @@ def classify_all(files: list[Path], args: argparse.Namespace, out: IO[str]) -> l
         return _classify_with_jobs(files, args, out, bar)
 
 
-def _record(path: Path, result: dict[str, Any], out: IO[str]) -> str | None:
+def _record(path: Path, result: Result, out: IO[str]) -> str | None:
     """Writes one JSONL line; returns the error text if the item failed."""
     if "error" in result:
         line = {"path": str(path), "error": result["error"]}
@@ -36,19 +50,29 @@ def _record(path: Path, result: dict[str, Any], out: IO[str]) -> str | None:
     return None
 
 
-def _retry_after(response: httpx.Response) -> float:
-    try:
-        return max(0.0, float(response.headers.get("retry-after", "1")))
-    except ValueError:
-        return 1.0
+def retry_delay(attempt: int, response: httpx.Response | None = None) -> float:
+    """Seconds to wait before retry ``attempt`` (0 first). After a 503, its Retry-After
+    stretched by a random factor of 1 to 2, so that clients refused together do not all
+    return together; after a transport error, exponential backoff with the same jitter."""
+    base = min(30.0, 0.5 * 2.0**attempt)
+    if response is not None:
+        try:
+            base = max(0.0, float(response.headers.get("retry-after", "1")))
+        except ValueError:
+            base = 1.0
+    return base * (1 + random.random())
 
 
-def _error_of(response: httpx.Response) -> dict[str, Any]:
+def _error_of(response: httpx.Response) -> Result:
     try:
         detail = response.json().get("detail", response.text)
     except ValueError:
         detail = response.text
     return {"status": response.status_code, "detail": detail}
+
+
+def _transport_error(exc: httpx.TransportError) -> Result:
+    return {"status": None, "detail": f"{type(exc).__name__}: {exc}"}
 
 
 async def _classify_with_cls(
@@ -58,72 +82,137 @@ async def _classify_with_cls(
     slots = asyncio.Semaphore(args.concurrency)
     limits = httpx.Limits(max_connections=args.concurrency)
 
-    async def one(client: httpx.AsyncClient, path: Path) -> None:
-        async with slots:
-            data = await asyncio.to_thread(path.read_bytes)
-            result: dict[str, Any] = {}
-            for attempt in range(args.retries + 1):
+    async def attempt(client: httpx.AsyncClient, path: Path, data: bytes) -> Result:
+        for attempt in range(args.retries + 1):
+            last = attempt == args.retries
+            try:
                 response = await client.post(
                     "/cls", params={"top_k": args.top_k}, files={"file": (path.name, data)}
                 )
-                if response.status_code == 503 and attempt < args.retries:
-                    await asyncio.sleep(_retry_after(response))
-                    continue
-                result = (
-                    response.json()
-                    if response.status_code == 200
-                    else {"error": _error_of(response)}
-                )
-                break
+            except httpx.TransportError as exc:
+                if last:
+                    return {"error": _transport_error(exc)}
+                await asyncio.sleep(retry_delay(attempt))
+                continue
+            if response.status_code == 503 and not last:
+                await asyncio.sleep(retry_delay(attempt, response))
+                continue
+            if response.status_code == 200:
+                result: Result = response.json()
+                return result
+            return {"error": _error_of(response)}
+        raise AssertionError("unreachable")
+
+    async def one(client: httpx.AsyncClient, path: Path) -> None:
+        async with slots:
+            data = await asyncio.to_thread(path.read_bytes)
+            result = await attempt(client, path, data)
         if (error := _record(path, result, out)) is not None:
             failures.append((path, error))
         bar.update()
 
-    async with httpx.AsyncClient(base_url=args.url, timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=args.url, timeout=120, limits=limits, transport=getattr(args, "transport", None)
+    ) as client:
         await asyncio.gather(*(one(client, path) for path in files))
     return failures
 
 
-def _chunks(files: list[Path], size: int) -> Iterator[list[Path]]:
-    for start in range(0, len(files), size):
-        yield files[start : start + size]
+def job_chunks(files: list[Path], max_files: int, max_bytes: int) -> Iterator[list[Path]]:
+    """Consecutive runs of ``files`` that each fit one job: at most ``max_files`` files
+    and ``max_bytes`` of body. A file too large for any job is a run of its own."""
+    chunk: list[Path] = []
+    size = 0
+    for path in files:
+        cost = path.stat().st_size + PART_OVERHEAD_BYTES
+        if chunk and (len(chunk) == max_files or size + cost > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(path)
+        size += cost
+    if chunk:
+        yield chunk
+
+
+def _job_limits(client: httpx.Client) -> tuple[int, int]:
+    """MAX_JOB_FILES and MAX_JOB_BYTES as the server reports them."""
+    try:
+        jobs = client.get("/metadata").raise_for_status().json().get("jobs", {})
+    except (httpx.HTTPError, ValueError):
+        jobs = {}
+    return (
+        int(jobs.get("max_job_files", DEFAULT_MAX_JOB_FILES)),
+        int(jobs.get("max_job_bytes", DEFAULT_MAX_JOB_BYTES)),
+    )
 
 
 def _classify_with_jobs(
     files: list[Path], args: argparse.Namespace, out: IO[str], bar: tqdm
 ) -> list[Failure]:
     failures: list[Failure] = []
-    with httpx.Client(base_url=args.url, timeout=httpx.Timeout(120, read=60)) as client:
-        for chunk in _chunks(files, args.job_size):
-            job_id = _submit_job(client, chunk, args.retries)
-            _follow_events(client, job_id, bar)
-            job = client.get(f"/jobs/{job_id}").raise_for_status().json()
-            for path, result in zip(chunk, job["results"], strict=True):
-                result = result or {"error": {"status": None, "detail": f"job {job['status']}"}}
+    timeout = httpx.Timeout(120, read=60)
+    transport = getattr(args, "transport", None)
+    with httpx.Client(base_url=args.url, timeout=timeout, transport=transport) as client:
+        max_files, max_bytes = _job_limits(client)
+        for chunk in job_chunks(files, min(args.job_size, max_files), max_bytes):
+            results = _run_job(client, chunk, args.retries, bar)
+            for path, result in zip(chunk, results, strict=True):
                 if (error := _record(path, result, out)) is not None:
                     failures.append((path, error))
     return failures
 
 
-def _submit_job(client: httpx.Client, chunk: list[Path], retries: int) -> str:
+def _run_job(client: httpx.Client, chunk: list[Path], retries: int, bar: tqdm) -> list[Result]:
+    """One result per file of ``chunk``: the job's, or the error that kept it from running."""
+    submitted = _submit_job(client, chunk, retries)
+    if "error" in submitted:
+        bar.update(len(chunk))
+        return [submitted] * len(chunk)
+    job_id = submitted["job_id"]
+    _follow_events(client, job_id, bar)
     for attempt in range(retries + 1):
+        try:
+            job = client.get(f"/jobs/{job_id}").raise_for_status().json()
+            break
+        except httpx.HTTPError as exc:
+            if attempt == retries:
+                detail = f"job {job_id}: {type(exc).__name__}: {exc}"
+                return [{"error": {"status": None, "detail": detail}}] * len(chunk)
+            time.sleep(retry_delay(attempt))
+    missing = {"error": {"status": None, "detail": f"job {job['status']}"}}
+    return [result or missing for result in job["results"]]
+
+
+def _submit_job(client: httpx.Client, chunk: list[Path], retries: int) -> Result:
+    """The created job, or ``{"error": ...}``."""
+    for attempt in range(retries + 1):
+        last = attempt == retries
         files = [("files", (path.name, path.read_bytes())) for path in chunk]
-        response = client.post("/jobs", files=files)
-        if response.status_code == 503 and attempt < retries:
-            time.sleep(_retry_after(response))
+        try:
+            response = client.post("/jobs", files=files)
+        except httpx.TransportError as exc:
+            if last:
+                return {"error": _transport_error(exc)}
+            time.sleep(retry_delay(attempt))
+            continue
+        if response.status_code == 503 and not last:
+            time.sleep(retry_delay(attempt, response))
             continue
         if response.status_code != 202:
-            raise SystemExit(f"POST /jobs failed: {_error_of(response)}")
-        job_id: str = response.json()["job_id"]
-        return job_id
+            return {"error": _error_of(response)}
+        job: Result = response.json()
+        return job
     raise AssertionError("unreachable")
 
 
 def _follow_events(client: httpx.Client, job_id: str, bar: tqdm) -> None:
-    """Advances the bar per progress event until the job ends, resuming after drops."""
+    """Advances the bar per progress event until the job ends. A stream that drops or
+    ends early is resumed from its last event id, after a growing, jittered pause."""
     last_id = ""
     seen = 0
-    for _ in range(60):
+    attempt = 0
+    give_up_at = time.monotonic() + EVENTS_PATIENCE_S
+    while time.monotonic() < give_up_at:
         headers = {"Last-Event-ID": last_id} if last_id else {}
         try:
             with client.stream("GET", f"/jobs/{job_id}/events", headers=headers) as stream:
@@ -131,6 +220,7 @@ def _follow_events(client: httpx.Client, job_id: str, bar: tqdm) -> None:
                 for line in stream.iter_lines():
                     if line.startswith("id: "):
                         last_id = line[4:]
+                        attempt = 0  # it progresses: the next drop starts the backoff anew
                     elif line.startswith("event: "):
                         kind = line[7:]
                     elif line.startswith("data: ") and kind == "progress":
@@ -141,5 +231,8 @@ def _follow_events(client: httpx.Client, job_id: str, bar: tqdm) -> None:
                         bar.update(json.loads(line[6:])["total"] - seen)
                         return
         except httpx.TransportError:
-            time.sleep(1)
-    raise SystemExit(f"lost the event stream of job {job_id}; see GET /jobs/{job_id}")
+            pass
+        time.sleep(retry_delay(attempt))
+        attempt += 1
+    # The job's own results still follow; items it has not finished are reported as such.
+    tqdm.write(f"lost the event stream of job {job_id}; see GET /jobs/{job_id}")

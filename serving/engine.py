@@ -212,5 +212,7 @@ class Engine:
                 "concurrency": self.jobs.concurrency,
                 "in_flight": self.jobs.in_flight,
                 "event_stream_watchers": len(self.job_store.feed),
+                "max_job_files": settings.max_job_files,
+                "max_job_bytes": settings.max_job_bytes,
             },
         }

@@ -97,3 +97,21 @@ def test_client_retries_503_after_retry_after(folder: Path, tmp_path: Path) -> N
     assert len(read_jsonl(out)) == 6
     refused = meta["stats"]["rejected_full"] + meta["decode"]["rejected_full"]
     assert refused > 0, "no 503 was provoked, so no retry was tested"
+
+
+def test_client_keeps_each_job_within_the_servers_max_job_bytes(
+    folder: Path, tmp_path: Path
+) -> None:
+    # The six photos (35-72 KB) would be one job of about 320 KB.
+    with running_server({"MAX_JOB_BYTES": "150000"}, tmp_path / "server.log") as server:
+        out = tmp_path / "results.jsonl"
+        result = run_client(str(folder), "--url", server.url, "--out", str(out))
+        log = server.output()
+    assert result.returncode == 0, result.stderr
+    lines = read_jsonl(out)
+    assert {name: line["label"] for name, line in lines.items()} == {
+        name: EXPECTED[name.split("-")[0].split(".")[0]] for name in lines
+    }
+    assert len(lines) == 6
+    assert log.count("POST /jobs 202") >= 3
+    assert "POST /jobs 413" not in log
