@@ -4,10 +4,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from api.limits import BodyTooLarge
 from batching import BatcherClosed, DeadlineExceeded, QueueFull
 from jobs import StoreFull, StoreUnavailable
 from serving import InferenceFailed, InputError, NotReady
+
+
+class BodyTooLarge(Exception):
+    """The request body is larger than the configured limit."""
+
+    def __init__(self, limit: int, setting: str) -> None:
+        super().__init__(f"request body exceeds the {limit}-byte limit ({setting}); send less")
 
 
 class ClientDisconnected(Exception):
@@ -41,13 +47,18 @@ def describe(exc: BaseException) -> dict[str, int | str]:
     return {"status": 500, "detail": f"internal error: {type(exc).__name__}; see the server log"}
 
 
-async def _handle(request: Request, exc: Exception) -> Response:
+def error_response(exc: Exception) -> JSONResponse:
+    """The JSON answer for ``exc``, with Retry-After on a 503."""
     body = describe(exc)
     status = int(body["status"])
     headers = None
     if status == 503:
         headers = {"Retry-After": str(getattr(exc, "retry_after", RETRY_AFTER_S))}
     return JSONResponse({"detail": body["detail"]}, status, headers=headers)
+
+
+async def _handle(request: Request, exc: Exception) -> Response:
+    return error_response(exc)
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:

@@ -1,14 +1,60 @@
-"""A request-body size limit, counted while the body streams in."""
+"""A request-body size limit, counted while the body streams in, and refusals that
+reach every client."""
 
-from starlette.responses import JSONResponse
+import asyncio
+
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import BodyTooLarge, error_response
 
-class BodyTooLarge(Exception):
-    """The request body is larger than the configured limit."""
+# A refused request's body is read and dropped, up to these bounds, before the answer:
+# a client that writes its whole body before reading (Python's urllib, many scripts)
+# would otherwise see the connection reset instead of the answer. Past them the answer
+# goes anyway, and a slow sender holds a connection for DISCARD_SECONDS at most.
+DISCARD_BYTES = 64 * 1024 * 1024
+DISCARD_SECONDS = 5.0
 
-    def __init__(self, limit: int, setting: str) -> None:
-        super().__init__(f"request body exceeds the {limit}-byte limit ({setting}); send less")
+
+async def refuse(scope: Scope, receive: Receive, send: Send, response: Response) -> None:
+    """Answers ``response`` without serving the request, after draining its body."""
+    if _body_coming(scope):
+        await discard_body(receive)
+    await response(scope, receive, send)
+
+
+async def discard_body(receive: Receive) -> bool:
+    """Reads and drops the rest of the request body, within DISCARD_BYTES and
+    DISCARD_SECONDS. True when all of it was read."""
+    received = 0
+    try:
+        async with asyncio.timeout(DISCARD_SECONDS):
+            while received <= DISCARD_BYTES:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return False
+                received += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return True
+    except TimeoutError:
+        pass
+    return False
+
+
+def _body_coming(scope: Scope) -> bool:
+    """Whether the client is sending a body it has not been asked to hold back: with
+    ``Expect: 100-continue`` it waits for a go-ahead that a refusal never gives."""
+    declared = None
+    for name, value in scope["headers"]:
+        if name == b"expect" and value.lower() == b"100-continue":
+            return False
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            declared = value
+    if declared is None or not declared.isdigit():
+        return False
+    return 0 < int(declared) <= DISCARD_BYTES
 
 
 class BodySizeLimitMiddleware:
@@ -34,8 +80,7 @@ class BodySizeLimitMiddleware:
         max_bytes, setting = self.per_path.get(scope["path"], self.default)
         declared = _content_length(scope)
         if declared is not None and declared > max_bytes:
-            response = JSONResponse({"detail": str(BodyTooLarge(max_bytes, setting))}, 413)
-            await response(scope, receive, send)
+            await refuse(scope, receive, send, error_response(BodyTooLarge(max_bytes, setting)))
             return
         received = 0
 
@@ -45,6 +90,8 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > max_bytes:
+                    if message.get("more_body", False):
+                        await discard_body(receive)
                     raise BodyTooLarge(max_bytes, setting)
             return message
 

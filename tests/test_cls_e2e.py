@@ -2,12 +2,18 @@
 
 import asyncio
 import base64
+import json
 import random
+import socket
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from api.limits import DISCARD_SECONDS
 from harness.server import Server
 from tests.images import (
     CAT_IDS,
@@ -108,6 +114,39 @@ class TestBadInput:
     def test_upload_over_limit_with_content_length_is_413(self, server: Server) -> None:
         response = post_file(server, b"\xff" * 3_000_000)
         assert_error(response, 413, "MAX_UPLOAD_BYTES")
+
+    @pytest.mark.parametrize("mode", ["content-length", "chunked"])
+    def test_upload_over_limit_reaches_a_client_that_sends_everything_first(
+        self, server: Server, mode: str
+    ) -> None:
+        """urllib writes the whole body before it reads, and says Connection: close: a
+        server that answers and closes early resets it before it sees the answer."""
+        body = b"\xff" * 6_000_000
+        data: bytes | Iterator[bytes] = body if mode == "content-length" else chunks(body)
+        request = urllib.request.Request(
+            f"{server.url}/cls", data=data, headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 413
+        assert "MAX_UPLOAD_BYTES" in json.loads(refused.value.read())["detail"]
+
+    def test_a_stalled_oversized_upload_is_answered_within_the_discard_time(
+        self, server: Server
+    ) -> None:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(
+                b"POST /cls HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 5000000\r\n\r\n" + b"\xff" * 1000
+            )
+            started = time.monotonic()
+            # The stalled sender holds no worker: others are served meanwhile.
+            assert httpx.get(f"{server.url}/health/live", timeout=2).status_code == 200
+            answer = sock.recv(4096)
+            waited = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 413"), answer
+        assert waited < DISCARD_SECONDS + 5
 
     def test_upload_over_limit_without_content_length_is_413(self, server: Server) -> None:
         body = b"\xff" * 3_000_000
