@@ -13,6 +13,7 @@ from types import FrameType
 from fastapi import FastAPI
 
 from api.access_log import AccessLogMiddleware
+from api.admission import EarlyAdmission
 from api.errors import describe, install_error_handlers
 from api.limits import BodySizeLimitMiddleware
 from api.routes import health, jobs, metadata, metrics
@@ -107,6 +108,8 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
         },
     )
     app.add_middleware(AccessLogMiddleware)
+    # Outermost: an overload is refused before any other middleware runs.
+    app.add_middleware(EarlyAdmission, routes={f"/{task.name}": task.name for task in tasks})
     install_error_handlers(app)
     for task in tasks:
         app.include_router(task_router(task))

@@ -1,7 +1,11 @@
 """The one place where errors become HTTP status codes."""
 
+import re
+
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from batching import BatcherClosed, DeadlineExceeded, QueueFull
@@ -61,6 +65,26 @@ async def _handle(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
+async def _method_not_allowed(request: Request, exc: StarletteHTTPException) -> Response:
+    """A 405 whose Allow lists the methods of every route at this path: Starlette's names
+    only those of the first route that matched it (GET /jobs/{id}, not its DELETE)."""
+    allowed = {m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()}
+    for template, operations in request.app.openapi()["paths"].items():
+        pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, request.url.path):
+            allowed |= {method.upper() for method in operations}
+    allow = ", ".join(sorted(allowed))
+    detail = f"{request.method} is not allowed here; use {allow}"
+    return JSONResponse({"detail": detail}, 405, headers={"Allow": allow})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        return await _method_not_allowed(request, exc)
+    return await http_exception_handler(request, exc)
+
+
 async def _client_gone(request: Request, exc: Exception) -> Response:
     # Nobody reads this; 499 (as nginx logs it) keeps the access log honest.
     return Response(status_code=499)
@@ -69,6 +93,7 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 def install_error_handlers(app: FastAPI) -> None:
     for exc_type, _, _ in _MAPPING:
         app.add_exception_handler(exc_type, _handle)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ClientDisconnected, _client_gone)
     # Starlette's: the client went away while its body was being read.
     app.add_exception_handler(ClientDisconnect, _client_gone)

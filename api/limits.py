@@ -42,19 +42,24 @@ async def discard_body(receive: Receive) -> bool:
 
 
 def _body_coming(scope: Scope) -> bool:
-    """Whether the client is sending a body it has not been asked to hold back: with
-    ``Expect: 100-continue`` it waits for a go-ahead that a refusal never gives."""
+    """Whether the client is sending a body that must be read for it to see an answer.
+    Not when it waits for ``Expect: 100-continue``'s go-ahead, which a refusal never
+    gives, nor on a connection that stays open: uvicorn reads and drops the rest of an
+    answered request's body itself."""
     declared = None
+    close = scope.get("http_version") == "1.0"
     for name, value in scope["headers"]:
         if name == b"expect" and value.lower() == b"100-continue":
             return False
-        if name == b"transfer-encoding":
-            return True
-        if name == b"content-length":
+        if name == b"connection":
+            close = b"close" in value.lower()
+        elif name == b"transfer-encoding":
+            declared = b"chunked"
+        elif name == b"content-length":
             declared = value
-    if declared is None or not declared.isdigit():
+    if not close or declared is None:
         return False
-    return 0 < int(declared) <= DISCARD_BYTES
+    return declared == b"chunked" or (declared.isdigit() and 0 < int(declared) <= DISCARD_BYTES)
 
 
 class BodySizeLimitMiddleware:

@@ -1,6 +1,11 @@
-"""A small closed-loop HTTP/1.1 load generator: C keep-alive connections, each sending
-the next pre-built multipart /cls request as soon as the last one is answered (or, after
-a 503, once its Retry-After has passed).
+"""A small HTTP/1.1 load generator for /cls, in three shapes:
+
+- closed loop (default): C keep-alive connections, each sending the next pre-built
+  multipart request as soon as the last one is answered, or after a 503 once its
+  Retry-After has passed, as a polite client does;
+- ``--impolite``: the same, ignoring Retry-After: a 503 is retried at once (a retry storm);
+- ``--rate R``: open loop: R requests per second arrive whatever the answers, each on an
+  idle connection or a new one; latency counts from the planned arrival.
 
     python bench/loadgen.py --port 5001 --concurrency 8 --duration 8 --images DIR
 
@@ -60,6 +65,7 @@ async def connection(
     measure_from: float,
     stop_at: float,
     samples: list[tuple[int, float]],
+    polite: bool = True,
 ) -> None:
     loop = asyncio.get_running_loop()
     writer = None
@@ -77,6 +83,7 @@ async def connection(
             status, close, retry_after = 0, True, 0.0
         if started >= measure_from:
             samples.append((status, loop.time() - started))
+        retry_after = retry_after if polite else 0.0
         if close or retry_after:
             # The server's keep-alive timeout may end an idle connection while we wait,
             # just as we send on it: wait on no connection, and open a new one after.
@@ -89,18 +96,71 @@ async def connection(
         writer.close()
 
 
+async def open_loop(
+    port: int,
+    requests: list[bytes],
+    rate: float,
+    measure_from: float,
+    stop_at: float,
+    samples: list[tuple[int, float]],
+) -> None:
+    """Sends ``rate`` requests per second until ``stop_at``, whatever the answers."""
+    loop = asyncio.get_running_loop()
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(request: bytes, planned: float) -> None:
+        try:
+            reader, writer = (
+                idle.pop() if idle else await asyncio.open_connection("127.0.0.1", port)
+            )
+        except OSError:
+            if planned >= measure_from:
+                samples.append((0, loop.time() - planned))
+            return
+        writer.write(request)
+        try:
+            status, close, _ = await asyncio.wait_for(read_response(reader), 60)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            status, close = 0, True
+        if planned >= measure_from:
+            samples.append((status, loop.time() - planned))
+        if close:
+            writer.close()
+        else:
+            idle.append((reader, writer))
+
+    planned = loop.time()
+    sent = 0
+    while planned < stop_at:
+        await asyncio.sleep(max(0.0, planned - loop.time()))
+        task = asyncio.create_task(one(requests[sent % len(requests)], planned))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        sent += 1
+        planned += 1 / rate
+    await asyncio.gather(*pending)
+    for _, writer in idle:
+        writer.close()
+
+
 async def run(args: argparse.Namespace, requests: list[bytes]) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     measure_from = loop.time() + args.warmup
     stop_at = measure_from + args.duration
     samples: list[tuple[int, float]] = []
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
-    await asyncio.gather(
-        *(
-            connection(args.port, requests, i * 7, measure_from, stop_at, samples)
-            for i in range(args.concurrency)
+    if args.rate:
+        await open_loop(args.port, requests, args.rate, measure_from, stop_at, samples)
+    else:
+        await asyncio.gather(
+            *(
+                connection(
+                    args.port, requests, i * 7, measure_from, stop_at, samples, not args.impolite
+                )
+                for i in range(args.concurrency)
+            )
         )
-    )
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
     wall = loop.time() - (measure_from - args.warmup)
@@ -121,7 +181,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--images", required=True)
+    parser.add_argument("--impolite", action="store_true", help="retry a 503 at once")
+    parser.add_argument("--rate", type=float, default=0, help="open loop: requests per second")
     args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # open loop: many connections
     images = sorted(Path(args.images).glob("*.jpg"))
     requests = [build_request(args.path, args.port, p.read_bytes(), p.name) for p in images]
     started = time.perf_counter()

@@ -147,7 +147,8 @@ def stop_all(server: Server) -> None:
         os.killpg(group, signal.SIGKILL)
 
 
-def load(port: int, concurrency: int, duration: float, images: Path) -> dict[str, Any]:
+def load(port: int, concurrency: int, duration: float, images: Path, *extra: str) -> dict[str, Any]:
+    """One bench/loadgen.py run; ``extra`` are its options (--impolite, --rate R)."""
     output = subprocess.run(
         [
             sys.executable,
@@ -160,6 +161,7 @@ def load(port: int, concurrency: int, duration: float, images: Path) -> dict[str
             str(duration),
             "--images",
             str(images),
+            *extra,
         ],
         capture_output=True,
         text=True,

@@ -56,6 +56,17 @@ class ImageTask:
     warm-up on the backend."""
 
     jobs_field: ClassVar[str] = "images"
+    json_schema: ClassVar[dict[str, Any]] = {
+        "type": "object",
+        "required": ["image"],
+        "properties": {
+            "image": {
+                "type": "string",
+                "contentEncoding": "base64",
+                "description": "The image file, base64-encoded (a data: URI works too)",
+            }
+        },
+    }
     model: ImageModel
     max_pixels: int
 

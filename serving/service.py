@@ -102,10 +102,15 @@ class TaskService:
         if not self.warmed_up.is_set():
             raise NotReady(f"the {self.name} model is loading and warming up")
 
-    def admit(self) -> None:
-        """Raises NotReady or QueueFull if a request arriving now would not be served."""
+    def admit(self, arrived_at: float | None = None) -> None:
+        """Raises NotReady or QueueFull if a request that arrived at ``arrived_at`` (the
+        loop's clock; default now) could not be served within TIMEOUT of it."""
         self.require_warm()
-        self._admit(asyncio.get_running_loop().time() + self.settings.timeout)
+        self._admit(self._deadline(arrived_at))
+
+    def _deadline(self, arrived_at: float | None) -> float:
+        loop = asyncio.get_running_loop()
+        return (loop.time() if arrived_at is None else arrived_at) + self.settings.timeout
 
     def _admit(self, deadline: float | None) -> None:
         """Refuses a request that could not be decoded and computed by ``deadline``: the
@@ -119,14 +124,22 @@ class TaskService:
             decode_wait = (decoding + 1) * per_item / self.pools.workers
         self.batcher.admit(deadline - decode_wait, coming=decoding)
 
-    async def run(self, payload: Payload, options: BaseModel, *, bulk: bool = False) -> Any:
-        """Decodes ``payload`` and computes it within TIMEOUT seconds.
+    async def run(
+        self,
+        payload: Payload,
+        options: BaseModel,
+        *,
+        bulk: bool = False,
+        arrived_at: float | None = None,
+    ) -> Any:
+        """Decodes ``payload`` and computes it within TIMEOUT seconds of ``arrived_at``
+        (the loop's clock; default now).
 
         ``bulk`` items (job work) have no deadline and only fill the capacity that
         interactive requests leave.
         """
         self.require_warm()
-        deadline = None if bulk else asyncio.get_running_loop().time() + self.settings.timeout
+        deadline = None if bulk else self._deadline(arrived_at)
         self._admit(deadline)  # before decoding an input the model could not serve in time
         item = await self._decode(payload, options, deadline, bulk)
         try:

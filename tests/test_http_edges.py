@@ -154,3 +154,32 @@ def test_pieces_refuse_what_json_loads_refuses(text: bytes) -> None:
         json.loads(text)
     with pytest.raises((json.JSONDecodeError, UnicodeDecodeError)):
         loads_in_pieces(text)
+
+
+async def test_a_client_that_retries_before_retry_after_is_held_for_the_rest_of_it() -> None:
+    # TIMEOUT far below one batch: admission refuses every request up front.
+    app = create_app(
+        Settings(tasks="tests.test_tasks_e2e:Square", timeout=1e-6), exit_on_failure=False
+    )
+    async with app.router.lifespan_context(app):
+        await asyncio.wait_for(app.state.engine.warmed_up.wait(), timeout=60)
+
+        async def timed_post(port: int) -> tuple[httpx.Response, float]:
+            transport = httpx.ASGITransport(app=app, client=("127.0.0.1", port))
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                started = time.perf_counter()
+                response = await client.post("/square", json={"x": 2})
+                return response, time.perf_counter() - started
+
+        first, fast = await timed_post(40001)
+        assert first.status_code == 503
+        retry_after = float(first.headers["retry-after"])
+        assert fast < retry_after / 2
+        # Back at once on the same connection: answered when its Retry-After is over.
+        again, held = await timed_post(40001)
+        assert again.status_code == 503
+        assert held > 0.8 * retry_after
+        # Another connection, or one that waited, is answered at once.
+        other, quick = await timed_post(40002)
+        assert other.status_code == 503
+        assert quick < retry_after / 2

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api.deps import EngineDep
 from api.errors import describe
 from api.payloads import read_job_payloads
+from api.schemas import error_responses
 from api.sse import job_events
 from jobs import JobStatus, JobStore
 from serving import Engine, InputError, Payload
@@ -18,7 +19,6 @@ from serving.service import pack_job_item
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
-_EVENT_ID = re.compile(r"[0-9]{1,18}")
 
 
 def _store(engine: EngineDep) -> JobStore:
@@ -67,7 +67,24 @@ def _pack(items: list[Payload | InputError]) -> list[bytes | dict[str, Any]]:
     ]
 
 
-@router.post("", status_code=202)
+JOB_ERRORS = error_responses(
+    {
+        400: "Invalid JSON",
+        413: "Over MAX_JOB_BYTES or MAX_JOB_FILES",
+        415: "A content type that is not accepted",
+        422: "No items, or a malformed Idempotency-Key",
+        503: "Jobs disabled or unavailable, too many jobs, or not ready; see Retry-After",
+    }
+)
+_FOUND_OR_NOT = error_responses(
+    {
+        404: "No such job: it never existed or expired (JOB_TTL_S)",
+        503: "Jobs are disabled or the job store is unavailable; see Retry-After",
+    }
+)
+
+
+@router.post("", status_code=202, responses=JOB_ERRORS)
 async def submit(
     request: Request,
     engine: EngineDep,
@@ -80,13 +97,17 @@ async def submit(
     return await create_job(request, engine, engine.primary.name, idempotency_key)
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", responses=_FOUND_OR_NOT)
 async def status(job_id: str, engine: EngineDep) -> dict[str, Any]:
     """Status, progress and the results so far, one per input, in input order."""
     return await _job(engine, job_id)
 
 
-@router.delete("/{job_id}", status_code=202)
+@router.delete(
+    "/{job_id}",
+    status_code=202,
+    responses={**_FOUND_OR_NOT, **error_responses({409: "The job already ended"})},
+)
 async def cancel(job_id: str, engine: EngineDep) -> dict[str, Any]:
     """Cancels the job on every replica; its queued items are never computed. 409 if it
     already ended."""
@@ -100,21 +121,23 @@ async def cancel(job_id: str, engine: EngineDep) -> dict[str, Any]:
     return {"job_id": job_id, "status": job["status"], "progress": job["progress"]}
 
 
-@router.get("/{job_id}/events")
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The event stream"},
+        **_FOUND_OR_NOT,
+        **error_responses({422: "A Last-Event-ID that is not an event id (digits)"}),
+    },
+)
 async def events(
     job_id: str,
     engine: EngineDep,
-    last_event_id: Annotated[str | None, Header()] = None,
+    last_event_id: Annotated[str, Header(pattern=r"^\s*[0-9]{1,18}\s*$")] = "",
 ) -> StreamingResponse:
     """Server-sent events: `progress` per finished item, then `done`, `failed` or
     `cancelled`. Send `Last-Event-ID` to resume after a disconnect, on any replica."""
-    after = 0
-    if last_event_id:
-        if not _EVENT_ID.fullmatch(last_event_id.strip()):
-            raise HTTPException(
-                400, "Last-Event-ID must be the id of an event this stream sent (digits)"
-            )
-        after = int(last_event_id)
+    after = int(last_event_id) if last_event_id else 0
     await _job(engine, job_id)
     stream = job_events(
         _store(engine), job_id, after, engine.stopping, engine.settings.sse_heartbeat_s

@@ -8,21 +8,20 @@ from fastapi.responses import JSONResponse
 from api.deps import EngineDep
 from api.disconnect import cancel_on_disconnect
 from api.payloads import read_payload
-from api.routes.jobs import create_job
-from api.schemas import ErrorBody
+from api.routes.jobs import JOB_ERRORS, create_job
+from api.schemas import error_responses
 from serving import Task
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": description}
-    for status, description in {
+ERRORS = error_responses(
+    {
         400: "An input the task cannot use: corrupt, truncated, invalid JSON or base64",
         413: "Body over MAX_UPLOAD_BYTES, or an input over the task's limits",
         415: "A content type or input format that is not accepted",
         422: "The 'file' field or the JSON input is missing, or an option is out of range",
         503: "Queue full, the model not ready, or shutting down; see Retry-After",
         504: "No answer within TIMEOUT seconds",
-    }.items()
-}
+    }
+)
 
 
 def _request_body(task: Task[Any, Any]) -> dict[str, Any]:
@@ -44,6 +43,46 @@ def _request_body(task: Task[Any, Any]) -> dict[str, Any]:
     }
 
 
+def _fields(task: Task[Any, Any]) -> str:
+    properties = getattr(task, "json_schema", {}).get("properties", {})
+    return ", ".join(f"{name} ({spec.get('type', 'any')})" for name, spec in properties.items())
+
+
+def _jobs_request_body(task: Task[Any, Any]) -> dict[str, Any]:
+    # Any JSON value is taken: one that the task cannot use becomes that item's error in
+    # the job's results, not the refusal of the whole job.
+    item_schema = {"description": f"One input, as the task's JSON body holds it: {_fields(task)}"}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["files"],
+                        "properties": {
+                            "files": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                                "minItems": 1,
+                            }
+                        },
+                    }
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": [task.jobs_field],
+                        "properties": {
+                            task.jobs_field: {"type": "array", "items": item_schema, "minItems": 1}
+                        },
+                    }
+                },
+            },
+        }
+    }
+
+
 def task_router(task: Task[Any, Any]) -> APIRouter:
     """The routes of one task. Its options are query parameters."""
     router = APIRouter(tags=[task.name])
@@ -56,9 +95,12 @@ def task_router(task: Task[Any, Any]) -> APIRouter:
         options: Annotated[Options, Query()],  # type: ignore[valid-type]
     ) -> Any:
         service = engine.services[name]
-        service.admit()  # refuse an overload before spending time on the upload
+        # Held at the door (see api/admission.py), a request's TIMEOUT counts from its arrival.
+        arrived_at = getattr(request.state, "arrived_at", None)
+        service.admit(arrived_at)  # refuse an overload before spending time on the upload
         payload = await read_payload(request)
-        result = await cancel_on_disconnect(request, service.run(payload, options))
+        run = service.run(payload, options, arrived_at=arrived_at)
+        result = await cancel_on_disconnect(request, run)
         return task.encode(result, options)
 
     async def submit_job(
@@ -84,6 +126,8 @@ def task_router(task: Task[Any, Any]) -> APIRouter:
         submit_job,
         methods=["POST"],
         status_code=202,
+        responses=JOB_ERRORS,
+        openapi_extra=_jobs_request_body(task),
         summary=f"{name}: a job of many inputs",
         description=(
             "Queues many inputs as one job: multipart `files` parts, or JSON"
