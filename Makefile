@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev install-bench services run test lint typecheck pytest docker-check bench bench-jobs clean
+.PHONY: help install install-dev install-bench services run test lint typecheck pytest docker-check bench bench-jobs bench-overload clean
 
 help:
 	@echo "make run    - create $(VENV) if needed, install what changed, serve on :5001"
@@ -54,6 +54,11 @@ test: lint typecheck pytest
 # A benchmark, not a test: about five minutes, and the machine should be otherwise idle.
 bench: $(VENV)/.bench-installed services
 	$(PY) bench/run.py
+
+# Overload against impolite clients: open loop at 2x/4x the peak, a retry storm, CPU per
+# refusal (about two minutes).
+bench-overload: $(VENV)/.bench-installed
+	$(PY) bench/overload.py
 
 # Only the jobs section: /jobs with each store, the Redis store's cost per item.
 bench-jobs: install-dev services
