@@ -341,6 +341,9 @@ def test_limits_ttl_and_finished_jobs_do_not_block(tmp_path: Path) -> None:
             "concurrency": 1,
             "in_flight": 0,
             "event_stream_watchers": 0,
+            # The limits a client cuts its jobs to, as this server was started with.
+            "max_job_files": 200,
+            "max_job_bytes": 8_000_000,
         }
 
 
