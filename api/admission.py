@@ -67,10 +67,9 @@ class EarlyAdmission:
             await asyncio.sleep(held_until - arrived_at)  # it did not wait as asked
             scope.setdefault("state", {})["arrived_at"] = arrived_at
         try:
-            if engine.failure is None:
-                service.admit(arrived_at)
-            else:
-                engine.require_ready()
+            if (reason := engine.liveness()) is not None:
+                raise NotReady(reason)
+            service.admit(arrived_at)
         except (NotReady, QueueFull) as exc:
             response = error_response(exc)
             if key is not None:

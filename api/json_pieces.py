@@ -49,13 +49,9 @@ def _array(text: str, index: int, depth: int) -> tuple[list[Any], int]:
     while True:
         item, index = _value(text, index, depth + 1)
         items.append(item)
-        index = _skip(text, index)
-        if text.startswith(",", index):
-            index = _skip(text, index + 1)
-        elif text.startswith("]", index):
-            return items, index + 1
-        else:
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, index)
+        index, closed = _after_piece(text, index, "]")
+        if closed:
+            return items, index
 
 
 def _object(text: str, index: int, depth: int) -> tuple[dict[str, Any], int]:
@@ -73,10 +69,17 @@ def _object(text: str, index: int, depth: int) -> tuple[dict[str, Any], int]:
         if not text.startswith(":", index):
             raise json.JSONDecodeError("Expecting ':' delimiter", text, index)
         members[key], index = _value(text, _skip(text, index + 1), depth + 1)
-        index = _skip(text, index)
-        if text.startswith(",", index):
-            index = _skip(text, index + 1)
-        elif text.startswith("}", index):
-            return members, index + 1
-        else:
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, index)
+        index, closed = _after_piece(text, index, "}")
+        if closed:
+            return members, index
+
+
+def _after_piece(text: str, index: int, close: str) -> tuple[int, bool]:
+    """After an element or member: where the next one starts, or the index past
+    ``close`` and True when the container ends there."""
+    index = _skip(text, index)
+    if text.startswith(",", index):
+        return _skip(text, index + 1), False
+    if text.startswith(close, index):
+        return index + 1, True
+    raise json.JSONDecodeError("Expecting ',' delimiter", text, index)

@@ -182,10 +182,14 @@ class Engine:
         if self._pools is not None:
             self._pools.shutdown()
 
+    def liveness(self) -> str | None:
+        """None while the engine can serve, or will once warm; otherwise why it cannot."""
+        return None if self.failure is None else f"{self.failure}; see the server log"
+
     def readiness(self) -> str | None:
         """None when every task is warm, otherwise why not."""
-        if self.failure is not None:
-            return f"{self.failure}; see the server log"
+        if (reason := self.liveness()) is not None:
+            return reason
         if self.stopping.is_set():
             return "the server is shutting down"
         if not self.warmed_up.is_set():

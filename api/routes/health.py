@@ -14,8 +14,8 @@ router = APIRouter(tags=["health"])
 async def live(engine: EngineDep) -> JSONResponse:
     """200 while the process can serve, or will once warm; 503 once it cannot (a failed
     warm-up, a dead batcher), as it exits for its supervisor to start a fresh one."""
-    if engine.failure is not None:
-        return JSONResponse({"detail": f"{engine.failure}; see the server log"}, 503)
+    if (reason := engine.liveness()) is not None:
+        return JSONResponse({"detail": reason}, 503)
     return JSONResponse({"status": "alive"})
 
 

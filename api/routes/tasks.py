@@ -24,23 +24,33 @@ ERRORS = error_responses(
 )
 
 
-def _request_body(task: Task[Any, Any]) -> dict[str, Any]:
-    json_schema = getattr(task, "json_schema", {"description": "The task's JSON input"})
+def _body(
+    multipart_field: str, part: dict[str, Any], json_schema: dict[str, Any]
+) -> dict[str, Any]:
+    """An ``openapi_extra`` request body: a multipart form with one required field, or
+    JSON."""
+    multipart = {
+        "type": "object",
+        "required": [multipart_field],
+        "properties": {multipart_field: part},
+    }
     return {
         "requestBody": {
             "required": True,
             "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {"file": {"type": "string", "format": "binary"}},
-                    }
-                },
+                "multipart/form-data": {"schema": multipart},
                 "application/json": {"schema": json_schema},
             },
         }
     }
+
+
+_FILE = {"type": "string", "format": "binary"}
+
+
+def _request_body(task: Task[Any, Any]) -> dict[str, Any]:
+    json_schema = getattr(task, "json_schema", {"description": "The task's JSON input"})
+    return _body("file", _FILE, json_schema)
 
 
 def _fields(task: Task[Any, Any]) -> str:
@@ -51,36 +61,13 @@ def _fields(task: Task[Any, Any]) -> str:
 def _jobs_request_body(task: Task[Any, Any]) -> dict[str, Any]:
     # Any JSON value is taken: one that the task cannot use becomes that item's error in
     # the job's results, not the refusal of the whole job.
-    item_schema = {"description": f"One input, as the task's JSON body holds it: {_fields(task)}"}
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["files"],
-                        "properties": {
-                            "files": {
-                                "type": "array",
-                                "items": {"type": "string", "format": "binary"},
-                                "minItems": 1,
-                            }
-                        },
-                    }
-                },
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": [task.jobs_field],
-                        "properties": {
-                            task.jobs_field: {"type": "array", "items": item_schema, "minItems": 1}
-                        },
-                    }
-                },
-            },
-        }
+    item = {"description": f"One input, as the task's JSON body holds it: {_fields(task)}"}
+    json_schema = {
+        "type": "object",
+        "required": [task.jobs_field],
+        "properties": {task.jobs_field: {"type": "array", "items": item, "minItems": 1}},
     }
+    return _body("files", {"type": "array", "items": _FILE, "minItems": 1}, json_schema)
 
 
 def task_router(task: Task[Any, Any]) -> APIRouter:
@@ -95,9 +82,9 @@ def task_router(task: Task[Any, Any]) -> APIRouter:
         options: Annotated[Options, Query()],  # type: ignore[valid-type]
     ) -> Any:
         service = engine.services[name]
-        # Held at the door (see api/admission.py), a request's TIMEOUT counts from its arrival.
+        # Admitted at the door (api/admission.py), before the upload was read. Held there,
+        # a request's TIMEOUT counts from its arrival.
         arrived_at = getattr(request.state, "arrived_at", None)
-        service.admit(arrived_at)  # refuse an overload before spending time on the upload
         payload = await read_payload(request)
         run = service.run(payload, options, arrived_at=arrived_at)
         result = await cancel_on_disconnect(request, run)
