@@ -63,6 +63,19 @@ def retry_delay(attempt: int, response: httpx.Response | None = None) -> float:
     return base * (1 + random.random())
 
 
+Outcome = httpx.Response | httpx.TransportError
+
+
+def _wait_before_retry(outcome: Outcome, attempt: int, retries: int) -> float | None:
+    """Seconds to wait before trying again after ``outcome`` (a transport error or a 503),
+    or None when it is the answer to keep."""
+    if attempt == retries:
+        return None
+    if isinstance(outcome, httpx.TransportError):
+        return retry_delay(attempt)
+    return retry_delay(attempt, outcome) if outcome.status_code == 503 else None
+
+
 def _error_of(response: httpx.Response) -> Result:
     try:
         detail = response.json().get("detail", response.text)
@@ -84,23 +97,22 @@ async def _classify_with_cls(
 
     async def attempt(client: httpx.AsyncClient, path: Path, data: bytes) -> Result:
         for attempt in range(args.retries + 1):
-            last = attempt == args.retries
+            outcome: Outcome
             try:
-                response = await client.post(
+                outcome = await client.post(
                     "/cls", params={"top_k": args.top_k}, files={"file": (path.name, data)}
                 )
             except httpx.TransportError as exc:
-                if last:
-                    return {"error": _transport_error(exc)}
-                await asyncio.sleep(retry_delay(attempt))
+                outcome = exc
+            if (wait := _wait_before_retry(outcome, attempt, args.retries)) is not None:
+                await asyncio.sleep(wait)
                 continue
-            if response.status_code == 503 and not last:
-                await asyncio.sleep(retry_delay(attempt, response))
-                continue
-            if response.status_code == 200:
-                result: Result = response.json()
+            if isinstance(outcome, httpx.TransportError):
+                return {"error": _transport_error(outcome)}
+            if outcome.status_code == 200:
+                result: Result = outcome.json()
                 return result
-            return {"error": _error_of(response)}
+            return {"error": _error_of(outcome)}
         raise AssertionError("unreachable")
 
     async def one(client: httpx.AsyncClient, path: Path) -> None:
@@ -185,22 +197,21 @@ def _run_job(client: httpx.Client, chunk: list[Path], retries: int, bar: tqdm) -
 
 def _submit_job(client: httpx.Client, chunk: list[Path], retries: int) -> Result:
     """The created job, or ``{"error": ...}``."""
+    files = [("files", (path.name, path.read_bytes())) for path in chunk]
     for attempt in range(retries + 1):
-        last = attempt == retries
-        files = [("files", (path.name, path.read_bytes())) for path in chunk]
+        outcome: Outcome
         try:
-            response = client.post("/jobs", files=files)
+            outcome = client.post("/jobs", files=files)
         except httpx.TransportError as exc:
-            if last:
-                return {"error": _transport_error(exc)}
-            time.sleep(retry_delay(attempt))
+            outcome = exc
+        if (wait := _wait_before_retry(outcome, attempt, retries)) is not None:
+            time.sleep(wait)
             continue
-        if response.status_code == 503 and not last:
-            time.sleep(retry_delay(attempt, response))
-            continue
-        if response.status_code != 202:
-            return {"error": _error_of(response)}
-        job: Result = response.json()
+        if isinstance(outcome, httpx.TransportError):
+            return {"error": _transport_error(outcome)}
+        if outcome.status_code != 202:
+            return {"error": _error_of(outcome)}
+        job: Result = outcome.json()
         return job
     raise AssertionError("unreachable")
 
