@@ -8,9 +8,11 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from types import FrameType
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from api.access_log import AccessLogMiddleware
 from api.admission import EarlyAdmission
@@ -70,7 +72,22 @@ def stop_this_process(reason: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True) -> FastAPI:
+class ServingApp(FastAPI):
+    """FastAPI with an admission door in front of all of it. Under a retry storm most
+    requests are refusals, and FastAPI's own layers (telemetry, body limit, exception
+    handling) cost more per request than the refusal itself; the door answers before them.
+    """
+
+    door: EarlyAdmission | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.door is not None and scope["type"] == "http":
+            await self.door(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True) -> ServingApp:
     """The app serving the tasks TASKS names. Raises ValueError naming TASKS when a task
     cannot be imported or does not implement the interface.
 
@@ -92,7 +109,7 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
             await engine.stop()
 
     configure_logging(settings)
-    app = FastAPI(
+    app = ServingApp(
         title="Micro-batching inference server",
         summary="Concurrent callers share each model through an asyncio micro-batcher.",
         version="0.1.0",
@@ -108,8 +125,9 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
         },
     )
     app.add_middleware(AccessLogMiddleware)
-    # Outermost: an overload is refused before any other middleware runs.
-    app.add_middleware(EarlyAdmission, routes={f"/{task.name}": task.name for task in tasks})
+    app.door = EarlyAdmission(
+        partial(FastAPI.__call__, app), app.state, {f"/{task.name}": task.name for task in tasks}
+    )
     install_error_handlers(app)
     for task in tasks:
         app.include_router(task_router(task))

@@ -1,4 +1,5 @@
-"""Refusing overload at the door: before routing, the other middleware and the body.
+"""Refusing overload at the door: in front of FastAPI, before its layers, routing and the
+body.
 
 Under a retry storm the event loop spends itself on refusals, and every cycle it spends
 there is one the decode threads and the model wait for (they share its GIL). So a task
@@ -19,6 +20,7 @@ import json
 import logging
 import time
 
+from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import error_response
@@ -35,11 +37,13 @@ SUMMARY_INTERVAL_S = 1.0
 
 
 class EarlyAdmission:
-    """Answers 503 for a POST to a task route the engine cannot take now. ``routes``
-    maps each such path to its task name."""
+    """Answers 503 for a POST to a task route the engine cannot take now, and hands every
+    other request to ``app``. ``routes`` maps each such path to its task name; the engine
+    is the one in ``state`` (the app's), once the lifespan has started it."""
 
-    def __init__(self, app: ASGIApp, routes: dict[str, str]) -> None:
+    def __init__(self, app: ASGIApp, state: State, routes: dict[str, str]) -> None:
         self.app = app
+        self.state = state
         self.routes = routes
         # (client host, client port) of a connection -> loop time its Retry-After ends.
         self._refused_until: dict[tuple[str, int], float] = {}
@@ -52,7 +56,7 @@ class EarlyAdmission:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         name = self.routes.get(scope["path"]) if scope["type"] == "http" else None
-        engine = getattr(scope["app"].state, "engine", None) if name else None
+        engine = getattr(self.state, "engine", None) if name else None
         if name is None or engine is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return

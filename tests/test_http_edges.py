@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from api.json_pieces import loads_in_pieces
 from main import create_app
@@ -183,3 +184,24 @@ async def test_a_client_that_retries_before_retry_after_is_held_for_the_rest_of_
         other, quick = await timed_post(40002)
         assert other.status_code == 503
         assert quick < retry_after / 2
+
+
+async def test_a_refusal_is_answered_before_any_of_fastapis_layers() -> None:
+    app = create_app(
+        Settings(tasks="tests.test_tasks_e2e:Square", timeout=1e-6), exit_on_failure=False
+    )
+    stack = app.build_middleware_stack()
+    reached: list[str] = []
+
+    async def spy(scope: Scope, receive: Receive, send: Send) -> None:
+        reached.append(scope["path"])
+        await stack(scope, receive, send)
+
+    app.middleware_stack = spy
+    async with app.router.lifespan_context(app), client_of(app) as client:
+        await asyncio.wait_for(app.state.engine.warmed_up.wait(), timeout=60)
+        refused = await client.post("/square", json={"x": 2})
+        assert refused.status_code == 503
+        assert refused.json()["detail"]
+        assert (await client.get("/health/live")).status_code == 200
+    assert reached == ["/health/live"]
