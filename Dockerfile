@@ -26,6 +26,7 @@ COPY api/ api/
 COPY jobs/ jobs/
 COPY serving/ serving/
 COPY examples/ examples/
+COPY web/ web/
 
 # A home of its own, and TORCH_HOME in the cache directory: a torchvision MODEL without
 # WEIGHTS downloads its weights there (libraries also write under ~/.cache).

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev install-bench services run test lint typecheck pytest docker-check bench bench-jobs bench-overload clean
+.PHONY: help install install-dev install-bench services run test lint typecheck pytest docker-check bench bench-jobs bench-overload page-screenshot clean
 
 help:
 	@echo "make run    - create $(VENV) if needed, install what changed, serve on :5001"
@@ -42,7 +42,7 @@ lint: install-dev
 typecheck: install-dev
 	$(PY) -m mypy
 
-# redis-server and haproxy, which the tests start on their own ports (Debian packages).
+# redis-server, haproxy and chromium, which the tests start on their own (Debian packages).
 services:
 	bash scripts/install-services.sh
 
@@ -63,6 +63,10 @@ bench-overload: $(VENV)/.bench-installed
 # Only the jobs section: /jobs with each store, the Redis store's cost per item.
 bench-jobs: install-dev services
 	$(PY) bench/job_store_bench.py
+
+# The README's picture of the page (docs/page.png), from a real server and browser.
+page-screenshot: install-dev services
+	$(PY) scripts/page_screenshot.py
 
 # No Docker engine here: replay the Dockerfile's install steps and CMD instead.
 docker-check:

@@ -19,6 +19,7 @@ from api.admission import EarlyAdmission
 from api.errors import describe, install_error_handlers
 from api.limits import BodySizeLimitMiddleware
 from api.routes import health, jobs, metadata, metrics
+from api.routes.page import page_router, read_page
 from api.routes.tasks import task_router
 from serving import Engine
 from serving.registry import load_tasks
@@ -89,13 +90,15 @@ class ServingApp(FastAPI):
 
 def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True) -> ServingApp:
     """The app serving the tasks TASKS names. Raises ValueError naming TASKS when a task
-    cannot be imported or does not implement the interface.
+    cannot be imported or does not implement the interface, and naming WEB_DIR when it
+    holds no page.
 
     With ``exit_on_failure`` the process stops itself when it can no longer serve (a
     failed warm-up, a dead batcher) instead of living on unready; tests that run the app
     in-process turn it off."""
     settings = settings or get_settings()
     tasks = load_tasks(settings.tasks)
+    page = read_page(settings.web_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -133,6 +136,7 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
         app.include_router(task_router(task))
     for router in (jobs.router, health.router, metadata.router, metrics.router):
         app.include_router(router)
+    app.include_router(page_router(page))
     return app
 
 

@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     )
     sse_heartbeat_s: float = Field(5.0, gt=0, description="Comment line interval on SSE.")
     max_image_pixels: int = Field(40_000_000, ge=1)
+    web_dir: Path | None = Field(
+        None, description="Folder of the page at GET / (index.html and its files); default web/."
+    )
     decode_workers: int = Field(
         0, ge=0, description="Threads that decode and resize uploads; 0: from the cores."
     )

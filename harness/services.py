@@ -14,7 +14,9 @@ import redis
 
 from harness.server import free_port
 
-INSTALL_HINT = "run `make services` (Debian: apt-get install redis-server haproxy)"
+INSTALL_HINT = (
+    "run `make services` (Debian: apt-get install redis-server haproxy chromium chromium-driver)"
+)
 
 
 class MissingProgram(Exception):

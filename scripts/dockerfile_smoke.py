@@ -100,6 +100,8 @@ def main() -> int:
         print(f"POST /cls -> {label}", flush=True)
         if label != "Egyptian cat":
             return 1
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/web/page.js", timeout=5) as page:
+            print(f"GET /web/page.js -> {page.status}", flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(60)

@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# Installs the services the tests start for themselves (on free ports, in temporary
-# directories): redis-server for the Redis job store, haproxy for the scale-out topology.
-# Debian's packages; nothing here starts or relies on a system service.
+# Installs the programs the tests start for themselves (on free ports, in temporary
+# directories): redis-server for the Redis job store, haproxy for the scale-out topology,
+# chromium and chromium-driver for the web page's browser tests. Debian's packages;
+# nothing here starts or relies on a system service.
 set -euo pipefail
 
-command -v redis-server >/dev/null 2>&1 && command -v haproxy >/dev/null 2>&1 && exit 0
+programs=(redis-server haproxy chromium chromedriver)
+packages=(redis-server haproxy chromium chromium-driver)
+missing=()
+for i in "${!programs[@]}"; do
+    command -v "${programs[$i]}" >/dev/null 2>&1 || missing+=("${packages[$i]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ]; then
     sudo=()
 elif command -v sudo >/dev/null 2>&1; then
     sudo=(sudo)
 else
-    echo "error: the tests need redis-server and haproxy: apt-get install redis-server haproxy" >&2
+    echo "error: the tests need ${missing[*]}: apt-get install ${missing[*]}" >&2
     exit 1
 fi
-echo "installing redis-server and haproxy for the tests (apt-get)"
+echo "installing ${missing[*]} for the tests (apt-get; chromium is about 100 MB)"
 export DEBIAN_FRONTEND=noninteractive
 "${sudo[@]}" apt-get update -qq
-"${sudo[@]}" apt-get install -y -qq --no-install-recommends redis-server haproxy >/dev/null
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
