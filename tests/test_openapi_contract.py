@@ -34,6 +34,7 @@ def test_the_server_answers_as_its_openapi_document_says(tmp_path: Path) -> None
                 "30",
                 "--no-color",
             ],
+            cwd=tmp_path,  # its case cache (.schemathesis/) is written here, not in the repo
             capture_output=True,
             text=True,
             timeout=600,
