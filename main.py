@@ -8,8 +8,8 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from functools import partial
 from types import FrameType
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
@@ -77,15 +77,15 @@ class ServingApp(FastAPI):
     """FastAPI with an admission door in front of all of it. Under a retry storm most
     requests are refusals, and FastAPI's own layers (telemetry, body limit, exception
     handling) cost more per request than the refusal itself; the door answers before them.
+    ``task_routes`` maps each task's path to its name.
     """
 
-    door: EarlyAdmission | None = None
+    def __init__(self, task_routes: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.door = EarlyAdmission(super().__call__, self.state, task_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.door is not None and scope["type"] == "http":
-            await self.door(scope, receive, send)
-        else:
-            await super().__call__(scope, receive, send)
+        await self.door(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True) -> ServingApp:
@@ -113,6 +113,7 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
 
     configure_logging(settings)
     app = ServingApp(
+        {f"/{task.name}": task.name for task in tasks},
         title="Micro-batching inference server",
         summary="Concurrent callers share each model through an asyncio micro-batcher.",
         version="0.1.0",
@@ -128,9 +129,6 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
         },
     )
     app.add_middleware(AccessLogMiddleware)
-    app.door = EarlyAdmission(
-        partial(FastAPI.__call__, app), app.state, {f"/{task.name}": task.name for task in tasks}
-    )
     install_error_handlers(app)
     for task in tasks:
         app.include_router(task_router(task))

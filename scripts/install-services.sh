@@ -5,23 +5,22 @@
 # nothing here starts or relies on a system service.
 set -euo pipefail
 
-programs=(redis-server haproxy chromium chromedriver)
-packages=(redis-server haproxy chromium chromium-driver)
-missing=()
-for i in "${!programs[@]}"; do
-    command -v "${programs[$i]}" >/dev/null 2>&1 || missing+=("${packages[$i]}")
-done
-[ ${#missing[@]} -eq 0 ] && exit 0
+if command -v redis-server >/dev/null 2>&1 && command -v haproxy >/dev/null 2>&1 \
+    && command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    exit 0
+fi
 
 if [ "$(id -u)" -eq 0 ]; then
     sudo=()
 elif command -v sudo >/dev/null 2>&1; then
     sudo=(sudo)
 else
-    echo "error: the tests need ${missing[*]}: apt-get install ${missing[*]}" >&2
+    echo "error: the tests need redis-server, haproxy and chromium:" \
+        "apt-get install redis-server haproxy chromium chromium-driver" >&2
     exit 1
 fi
-echo "installing ${missing[*]} for the tests (apt-get; chromium is about 100 MB)"
+echo "installing redis-server, haproxy, chromium and chromium-driver for the tests (apt-get)"
 export DEBIAN_FRONTEND=noninteractive
 "${sudo[@]}" apt-get update -qq
-"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+    redis-server haproxy chromium chromium-driver >/dev/null

@@ -3,13 +3,12 @@ chromium-driver, which `make services` installs) against the real server and mod
 Each state of the page is saved as a screenshot under the test's temporary directory."""
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
-from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -50,13 +49,8 @@ def page(browser: WebDriver, server: Server) -> Iterator[WebDriver]:
     assert problems == []  # script errors, CSP violations
 
 
-def until(driver: WebDriver, condition: object, seconds: float = 60) -> None:
-    wait = WebDriverWait(driver, seconds, poll_frequency=0.05)
-    try:
-        wait.until(lambda _: condition())  # type: ignore[operator]
-    except TimeoutException:
-        driver.save_screenshot("/tmp/page-timeout.png")
-        raise
+def until(driver: WebDriver, condition: Callable[[], object], seconds: float = 60) -> None:
+    WebDriverWait(driver, seconds, poll_frequency=0.05).until(lambda _: condition())
 
 
 # Read in one script call: the page replaces these elements as results arrive.
