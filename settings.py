@@ -53,7 +53,17 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="PyTorch compute type; half types need CUDA."
     )
-    model_cache_dir: Path = Field(Path(".model-cache"), description="Where ONNX exports are kept.")
+    precision: Literal["auto", "float32", "int8"] = Field(
+        "auto",
+        description="ONNX Runtime's precision. auto: int8 on a CPU with VNNI when it agrees "
+        "with float32 at startup, else float32.",
+    )
+    calibration_dir: Path | None = Field(
+        None, description="Images to calibrate int8 on, for a model other than the default."
+    )
+    model_cache_dir: Path = Field(
+        Path(".model-cache"), description="Where ONNX exports and int8 models are kept."
+    )
     torch_threads: int = Field(
         0, ge=0, description="Intra-op threads per worker; 0 means cores / WORKERS."
     )

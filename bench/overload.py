@@ -1,7 +1,8 @@
 """Overload against impolite clients: the peak, open-loop arrivals at 2x and 4x of it,
 a retry storm of 256 clients that ignore Retry-After, and the server's CPU per refusal.
 
-    .venv/bin/python bench/overload.py      (about two minutes; also part of make bench)
+    .venv/bin/python bench/overload.py      (about two minutes; make bench-overload)
+    OVERLOAD_PRECISION=float32 .venv/bin/python bench/overload.py   (the float32 model)
 
 Writes bench/results/<date>-<host>-overload.md and .json.
 """
@@ -56,10 +57,10 @@ def serve(env: dict[str, str], logs: Path, name: str) -> tuple[run.Server, int]:
     return server, port
 
 
-def refusal_cost(images: Path, logs: Path, duration: float) -> dict[str, Any]:
+def refusal_cost(images: Path, logs: Path, duration: float, env: dict[str, str]) -> dict[str, Any]:
     """The server's CPU per refusal, on a server that refuses every /cls request: with
     TIMEOUT far below one batch, admission turns each one away up front."""
-    server, port = serve({"TIMEOUT": "0.001"}, logs, "refuse-all")
+    server, port = serve({**env, "TIMEOUT": "0.001"}, logs, "refuse-all")
     pid = server.process.pid
     try:
         before = cpu_seconds(pid)
@@ -75,9 +76,11 @@ def refusal_cost(images: Path, logs: Path, duration: float) -> dict[str, Any]:
     return row
 
 
-def overload_suite(images: Path, logs: Path, duration: float) -> dict[str, Any]:
-    report: dict[str, Any] = {"timeout_s": TIMEOUT_S, "duration_s": duration}
-    server, port = serve({}, logs, "overload")
+def overload_suite(
+    images: Path, logs: Path, duration: float, env: dict[str, str]
+) -> dict[str, Any]:
+    report: dict[str, Any] = {"timeout_s": TIMEOUT_S, "duration_s": duration, "env": env}
+    server, port = serve(env, logs, "overload")
     pid = server.process.pid
     try:
         peak = measured(pid, port, PEAK_CONCURRENCY, duration, images)
@@ -91,7 +94,7 @@ def overload_suite(images: Path, logs: Path, duration: float) -> dict[str, Any]:
         report["polite_256"] = measured(pid, port, STORM_CLIENTS, duration, images)
     finally:
         run.stop_all(server)
-    report["refusal"] = refusal_cost(images, logs, duration)
+    report["refusal"] = refusal_cost(images, logs, duration, env)
     for name in ("open_loop_2x", "open_loop_4x", "storm", "polite_256"):
         row = report[name]
         row["goodput_share"] = round(row["goodput_rps"] / peak["goodput_rps"], 3)
@@ -130,12 +133,13 @@ def targets(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
 
 def markdown(report: dict[str, Any]) -> str:
     machine = report["machine"]
+    settings = "".join(f", {name}={value}" for name, value in report["env"].items())
     lines = [
         f"# Overload against impolite clients, {report['date']}",
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}."
         f" Load average at start (1, 5, 15 min): {report['load_average_at_start']}.",
-        f"One server (uvicorn, defaults, TIMEOUT={report['timeout_s']:g}), /cls with the",
+        f"One server (uvicorn, defaults{settings}, TIMEOUT={report['timeout_s']:g}), /cls with the",
         f"benchmark's 15 photos, {report['duration_s']:g} s per run after a 1 s run-in.",
         "",
         "| run | offered | goodput (req/s) | share of peak | status mix | p99 of 200s (ms)"
@@ -174,6 +178,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main() -> None:
     duration = float(os.environ.get("OVERLOAD_DURATION_S", "10"))
+    # OVERLOAD_PRECISION=float32 measures the float32 model against the default's int8.
+    precision = os.environ.get("OVERLOAD_PRECISION")
+    env = {"PRECISION": precision} if precision else {}
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
         work = Path(tmp)
         images = work / "images"
@@ -185,12 +192,14 @@ def main() -> None:
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         }
         started = time.monotonic()
-        report |= overload_suite(images, work, duration)
+        report |= overload_suite(images, work, duration, env)
         report["wall_s"] = round(time.monotonic() - started)
     for target, value, met in report["targets"]:
         print(f"{'met ' if met else 'MISS'} {target}: {value}")
     out = run.ROOT / "bench" / "results"
     stem = f"{report['date']}-{platform.node() or 'host'}-overload"
+    if precision:
+        stem += f"-{precision}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     (out / f"{stem}.md").write_text(markdown(report))
     print(f"wrote bench/results/{stem}.md")

@@ -34,10 +34,12 @@ import job_store_bench  # noqa: E402  (bench/, first on the path when run as a s
 
 from classification import Classifier, ClassifyInput, load_model  # noqa: E402
 from classification.backend import seconds_per_batch  # noqa: E402
+from classification.quantize import cpu_has_vnni  # noqa: E402
 from harness.server import Server, free_port, stop, wait_ready  # noqa: E402
 from settings import Settings  # noqa: E402
 
 PHOTOS = sorted((ROOT / "tests" / "data").glob("*.jpg"))
+SHARED_PHOTOS = ROOT.parent / "shared" / "calibration"
 LONG_SIDES = (320, 640, 1024, 1600, 2400)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 CONCURRENCY = (1, 8, 32, 128)
@@ -61,12 +63,16 @@ def make_images(folder: Path) -> list[Path]:
 
 def offline(images: list[Path]) -> tuple[dict[str, Any], Callable[[], float]]:
     """Decode cost, model throughput per batch size per backend, and the pipeline limit;
-    and a function that measures the ONNX Runtime pipeline limit again."""
+    and a function that measures the pipeline limit of the default setup again."""
     settings = Settings()
     model = load_model("efficientnet_lite0")
     data = [path.read_bytes() for path in images]
+    threads = settings.intra_op_threads
     classifiers = {
-        "onnxruntime": Classifier(model, backend="onnxruntime", threads=settings.intra_op_threads),
+        "onnxruntime": Classifier(model, backend="onnxruntime", threads=threads),
+        "onnxruntime int8": Classifier(
+            model, backend="onnxruntime", precision="int8", threads=threads
+        ),
         "torch": Classifier(load_model("efficientnet_lite0"), backend="torch"),
     }
     any_classifier = classifiers["onnxruntime"]
@@ -93,10 +99,59 @@ def offline(images: list[Path]) -> tuple[dict[str, Any], Callable[[], float]]:
             "single_image_ms": round(decode_ms + single_ms, 2),
             "pipeline_images_per_second": round(pipeline, 1),
         }
-    onnx = result["backends"]["onnxruntime"]
-    return result, partial(
-        pipeline_rate, classifiers["onnxruntime"], data, onnx["best_batch_size"], workers
+    result["int8_agreement"] = agreement(
+        classifiers["onnxruntime"], classifiers["onnxruntime int8"], images
     )
+    default = default_backend()
+    return result, partial(
+        pipeline_rate,
+        classifiers[default],
+        data,
+        result["backends"][default]["best_batch_size"],
+        workers,
+    )
+
+
+def default_backend() -> str:
+    """The offline backend that matches our server with default settings."""
+    return "onnxruntime int8" if cpu_has_vnni() else "onnxruntime"
+
+
+def agreement(float32: Classifier, int8: Classifier, images: list[Path]) -> dict[str, Any]:
+    """Top-1 agreement between float32 and int8 on the benchmark's photos and, when the
+    folder is there, on the 200 labelled photos of ../shared/calibration (with each one's
+    top-1 accuracy)."""
+
+    def top1(classifier: Classifier, paths: list[Path]) -> list[int]:
+        batch = [
+            ClassifyInput(classifier.prepare(p.read_bytes(), max_pixels=10**9), 1) for p in paths
+        ]
+        return [scores[0].class_id for scores in classifier.predict(batch)]
+
+    result: dict[str, Any] = {}
+    a, b = top1(float32, images), top1(int8, images)
+    result["bench_photos"] = {"images": len(images), "agreement": same(a, b)}
+    shared = sorted(SHARED_PHOTOS.glob("*.JPEG"))
+    if shared:
+        key = {label_key(label): i for i, label in enumerate(float32.labels)}
+        truth = [key[label_key(p.stem.split("_", 1)[1])] for p in shared]
+        a, b = top1(float32, shared), top1(int8, shared)
+        result["shared_photos"] = {
+            "images": len(shared),
+            "agreement": same(a, b),
+            "top1_float32": same(a, truth),
+            "top1_int8": same(b, truth),
+        }
+    return result
+
+
+def same(a: list[int], b: list[int]) -> float:
+    return round(sum(x == y for x, y in zip(a, b, strict=True)) / len(a), 4)
+
+
+def label_key(name: str) -> str:
+    """A class name as both the labels file and the shared photos' file names spell it."""
+    return name.lower().replace("_", " ").replace("-", " ").replace("'", "")
 
 
 def pipeline_rate(
@@ -192,6 +247,7 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 
 SERVERS: dict[str, tuple[list[str], dict[str, str]]] = {
     "ours (defaults)": ([sys.executable, "main.py"], {}),
+    "ours PRECISION=float32": ([sys.executable, "main.py"], {"PRECISION": "float32"}),
     "LitServe": ([sys.executable, "bench/litserve_server.py"], {}),
     "ours MAX_BATCH_SIZE=1": ([sys.executable, "main.py"], {"MAX_BATCH_SIZE": "1"}),
     "ours BACKEND=torch": ([sys.executable, "main.py"], {"BACKEND": "torch"}),
@@ -267,7 +323,8 @@ def machine() -> dict[str, Any]:
 def targets(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
     ours = report["servers"]["ours (defaults)"]
     lit = report["servers"]["LitServe"]
-    backend = report["offline"]["backends"]["onnxruntime"]
+    backend = report["offline"]["backends"][default_backend()]
+    float32 = {row["concurrency"]: row for row in report["servers"]["ours PRECISION=float32"]}
     by_c = {row["concurrency"]: row for row in ours}
     peak = max(row["throughput_rps"] for row in ours)
     over = report["overload"]
@@ -289,6 +346,12 @@ def targets(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
         )
     lit32 = next(row for row in lit if row["concurrency"] == 32)["throughput_rps"]
     checks += [
+        (
+            "c=32 throughput (defaults) >= 1.8x PRECISION=float32",
+            f"{by_c[32]['throughput_rps']} vs 1.8 x {float32[32]['throughput_rps']} = "
+            f"{1.8 * float32[32]['throughput_rps']:.1f} req/s",
+            by_c[32]["throughput_rps"] >= 1.8 * float32[32]["throughput_rps"],
+        ),
         (
             "c=32 throughput >= 2.5x LitServe",
             f"{by_c[32]['throughput_rps']} vs 2.5 x {lit32} = {2.5 * lit32:.1f} req/s",
@@ -379,6 +442,8 @@ def markdown(report: dict[str, Any], png: str) -> str:
         lines.append(f"| {name} | {rates} | {row['single_image_ms']} ms | {limit} |")
     lines += [
         "",
+        *agreement_lines(off["int8_agreement"]),
+        "",
         "## Servers under load",
         "",
         f"Closed-loop clients on keep-alive connections, each sending the next of "
@@ -417,6 +482,23 @@ def markdown(report: dict[str, Any], png: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def agreement_lines(agreement: dict[str, Any]) -> list[str]:
+    bench = agreement["bench_photos"]
+    lines = [
+        "",
+        f"int8 against float32, top-1 agreement: {bench['agreement']:.1%} on the "
+        f"{bench['images']} benchmark JPEGs.",
+    ]
+    if "shared_photos" in agreement:
+        shared = agreement["shared_photos"]
+        lines[-1] += (
+            f" On the {shared['images']} labelled photos of ../shared/calibration: agreement "
+            f"{shared['agreement']:.1%}, top-1 {shared['top1_float32']:.1%} float32 and "
+            f"{shared['top1_int8']:.1%} int8 (int8 is calibrated on these photos)."
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per load level")
@@ -436,9 +518,9 @@ def main() -> None:
         # runs close together: our server, the limit again (the targets use the higher
         # of the two), overload, then LitServe.
         print("servers under load ...", flush=True)
-        ours, lit, *others = SERVERS
-        report["servers"] = servers([ours], images, work, args.duration)
-        onnx = report["offline"]["backends"]["onnxruntime"]
+        ours, float32, lit, *others = SERVERS
+        report["servers"] = servers([ours, float32], images, work, args.duration)
+        onnx = report["offline"]["backends"][default_backend()]
         onnx["pipeline_after_ours"] = round(pipeline_again(), 1)
         print(f"pipeline limit again: {onnx['pipeline_after_ours']} img/s", flush=True)
         print("overload ...", flush=True)

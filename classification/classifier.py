@@ -5,8 +5,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
-from classification.image_model import ImageModel
+from classification.image_model import INT8_TOLERANCE, ImageModel
 from classification.models import LoadedModel
 
 
@@ -33,6 +34,19 @@ class Classifier(ImageModel):
         the class probabilities."""
         super().__init__(model, compare=lambda logits: logits.softmax(dim=1), **options)
         self.labels = model.labels
+
+    def int8_agreement(self, expected: torch.Tensor, actual: torch.Tensor) -> tuple[bool, str]:
+        """Probabilities within INT8_TOLERANCE, and each top class one that float32 scores
+        within INT8_TOLERANCE of its own top: int8 may swap a near tie (as float32 on
+        another CPU may), never pick a class float32 rejects."""
+        expected, actual = expected.softmax(dim=1), actual.softmax(dim=1)
+        difference = float((actual - expected).abs().max())
+        picked = expected.gather(1, actual.argmax(dim=1, keepdim=True)).squeeze(1)
+        shortfall = float((expected.max(dim=1).values - picked).max())
+        return max(difference, shortfall) <= INT8_TOLERANCE, (
+            f"probabilities within {difference:.3f}, top classes within {shortfall:.3f} of "
+            f"float32's top (bound {INT8_TOLERANCE})"
+        )
 
     def predict(self, batch: Sequence[ClassifyInput]) -> list[list[ClassScore]]:
         """Classifies a batch in one forward pass; one top-k list per input, in order."""

@@ -33,6 +33,10 @@ def _last_linear(module: nn.Module) -> tuple[nn.Module, str]:
     return found
 
 
+# The default model's int8 features are at least 0.986 from float32's on the check photos.
+INT8_MIN_COSINE = 0.98
+
+
 def normalize(outputs: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(outputs.flatten(1), dim=1)
 
@@ -44,6 +48,14 @@ class Embedder(ImageModel):
         """Takes a classifier and the options of ``ImageModel``; ONNX Runtime must agree
         with PyTorch on the normalised vectors."""
         super().__init__(backbone(model), compare=normalize, **options)
+
+    def int8_agreement(self, expected: torch.Tensor, actual: torch.Tensor) -> tuple[bool, str]:
+        """Each int8 vector's cosine similarity with float32's at least INT8_MIN_COSINE
+        (a photo and its mirror image are about 0.96-0.99 apart)."""
+        cosine = float((normalize(expected) * normalize(actual)).sum(dim=1).min())
+        return cosine >= INT8_MIN_COSINE, (
+            f"cosine similarity at least {cosine:.4f} (bound {INT8_MIN_COSINE})"
+        )
 
     def predict(self, batch: Sequence[np.ndarray]) -> list[list[float]]:
         """One L2-normalised vector per image, in order."""

@@ -2,6 +2,7 @@
 of HTTP; the classifier and the embedder build on it."""
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,24 @@ import torch
 
 from classification.backend import Backend, TorchBackend, forward_random, seconds_per_batch
 from classification.decode import decode_image
+from classification.errors import ImageError
 from classification.models import LoadedModel
+from classification.onnx_backend import (
+    OnnxBackend,
+    OnnxUnavailable,
+    cached_backend,
+    exported_model,
+)
+from classification.preprocess import Preprocess
+from classification.quantize import (
+    QuantizationUnavailable,
+    Ranges,
+    committed_ranges,
+    cpu_has_vnni,
+    folder_ranges,
+    quantized_model,
+    read_ranges,
+)
 from serving.task import resolve_device
 from serving.warmup import tune_batch_size
 
@@ -25,6 +43,25 @@ class BackendMismatch(Exception):
 
 _SAMPLE_IMAGE = Path(__file__).parent / "data" / "sample.jpg"
 _AGREEMENT_TOLERANCE = 1e-4
+# The photos int8 must agree with float32 on, with their mirror images (see _check_int8).
+# The default model's largest probability difference is 0.06 on these and 0.20 on the
+# 200 calibration photos; a model whose ranges are wrong is off by far more.
+_CHECK_PHOTOS = [
+    Path(__file__).parent / "data" / name for name in ("sample.jpg", "coffee.jpg", "rocket.jpg")
+]
+INT8_TOLERANCE = 0.1
+
+
+def prepare_image(preprocess: Preprocess, data: bytes, *, max_pixels: int) -> np.ndarray:
+    """Decodes and crops one image file to ``preprocess``'s uint8 input window.
+
+    Raises the errors of ``decode_image``.
+    """
+    # JPEGs are decoded at a reduced scale that keeps twice the resolution the resize
+    # needs: as fast as the tightest scale within 40%, and its crop differs from a
+    # full decode by under one grey level on average.
+    image = decode_image(data, max_pixels=max_pixels, min_side=2 * preprocess.resize_size)
+    return preprocess.crop(image)
 
 
 class ImageModel:
@@ -38,13 +75,21 @@ class ImageModel:
         channels_last: str = "auto",
         backend: str = "torch",
         dtype: str = "float32",
+        precision: str = "float32",
+        calibration_dir: Path | None = None,
         cache_dir: Path | None = None,
         threads: int | None = None,
         compare: Callable[[torch.Tensor], torch.Tensor] = lambda outputs: outputs,
     ) -> None:
         """``backend`` is torch, onnxruntime, or auto (ONNX Runtime on the CPU, PyTorch on
         CUDA). ONNX Runtime falls back to PyTorch, with one warning, when the export fails
-        or its outputs, passed through ``compare``, differ from PyTorch's on a photo."""
+        or its outputs, passed through ``compare``, differ from PyTorch's on a photo.
+
+        ``precision`` (float32, int8 or auto) applies to ONNX Runtime: int8 quantises the
+        export with the committed ranges of the default model or with ranges measured on
+        ``calibration_dir``; auto does so on a CPU with VNNI. int8 falls back to float32,
+        with one warning, when it disagrees with float32 on the check photos.
+        """
         self.model = model
         self.preprocess = model.preprocess
         self._compare = compare
@@ -59,21 +104,40 @@ class ImageModel:
         )
         self.backend: Backend = self.torch_backend
         self.fallback_reason: str | None = None
+        self.precision = "float32"
+        self.precision_reason = f"PRECISION={precision}"
         if backend == "auto":
             backend = "torch" if torch_device.type == "cuda" else "onnxruntime"
+        if precision == "int8" and backend != "onnxruntime":
+            raise ValueError(
+                "PRECISION=int8 runs on ONNX Runtime: use BACKEND=onnxruntime on the CPU, "
+                "or PRECISION=float32"
+            )
         if backend == "onnxruntime":
             if torch_device.type != "cpu":
                 raise ValueError(
                     "BACKEND=onnxruntime runs on the CPU: use DEVICE=cpu or BACKEND=torch"
                 )
             self._try_onnx(cache_dir or Path(".model-cache"), threads or torch.get_num_threads())
+            if precision == "float32":
+                pass
+            elif isinstance(self.backend, OnnxBackend):
+                self._try_int8(precision, calibration_dir, cache_dir or Path(".model-cache"))
+            else:
+                self.precision_reason = (
+                    "int8 runs on ONNX Runtime, which is not used: see backend_fallback_reason"
+                )
+        elif precision == "auto":
+            self.precision_reason = "PRECISION=auto: int8 is for ONNX Runtime on the CPU"
 
     def _try_onnx(self, cache_dir: Path, threads: int) -> None:
-        from classification.onnx_backend import OnnxUnavailable, cached_backend
-
         try:
             onnx = cached_backend(
-                self.model.module, self.model.name, self.preprocess, cache_dir, threads
+                lambda: exported_model(
+                    self.model.module, self.model.name, self.preprocess.crop_size, cache_dir
+                ),
+                self.preprocess,
+                threads,
             )
             self._check_agreement(onnx)
         except (OnnxUnavailable, BackendMismatch, ImportError, OSError) as exc:
@@ -81,6 +145,84 @@ class ImageModel:
             logger.warning("ONNX Runtime is not used, serving with PyTorch: %s", exc)
             return
         self.backend = onnx
+
+    def _try_int8(self, precision: str, calibration_dir: Path | None, cache_dir: Path) -> None:
+        """Replaces the float32 ONNX backend by its int8 form when ``precision`` asks
+        for it and the int8 model agrees with float32 on the check photos."""
+        assert isinstance(self.backend, OnnxBackend)
+        float32 = self.backend
+        if precision == "auto" and not cpu_has_vnni():
+            self._keep_float32(
+                "PRECISION=auto: this CPU has no VNNI, where int8 with uint8 activations "
+                "can saturate and lose accuracy"
+            )
+            return
+        if (
+            precision == "int8"
+            and calibration_dir is None
+            and not committed_ranges(float32.model_path).is_file()
+        ):
+            raise ValueError(
+                f"PRECISION=int8 needs calibration images for MODEL={self.model.name}: "
+                "set CALIBRATION_DIR to a folder of 100-500 typical inputs (only the "
+                "default model's weights come with ranges)"
+            )
+        try:
+            int8 = cached_backend(
+                lambda: quantized_model(
+                    float32.model_path,
+                    self._int8_ranges(float32, calibration_dir, cache_dir),
+                    cache_dir,
+                ),
+                self.preprocess,
+                float32.threads,
+            )
+            self._check_int8(float32, int8)
+        except (
+            QuantizationUnavailable,
+            OnnxUnavailable,
+            BackendMismatch,
+            ImportError,
+            OSError,
+        ) as exc:
+            self._keep_float32(f"int8 is not used: {exc}")
+            return
+        self.backend = int8
+        self.precision = "int8"
+        self.precision_reason = (
+            "PRECISION=int8"
+            if precision == "int8"
+            else "PRECISION=auto: a CPU with VNNI, and int8 agrees with float32"
+        ) + f" on the check photos: {self.int8_agreement_text}"
+
+    def _keep_float32(self, reason: str) -> None:
+        self.precision_reason = reason
+        logger.warning("serving float32: %s", reason)
+
+    def _int8_ranges(
+        self, float32: OnnxBackend, calibration_dir: Path | None, cache_dir: Path
+    ) -> Ranges:
+        if calibration_dir is not None:
+
+            def inputs(data: bytes) -> np.ndarray:
+                try:
+                    return float32.inputs(self.prepare(data, max_pixels=10**8)[None])
+                except ImageError as exc:
+                    raise ValueError(str(exc)) from exc
+
+            return folder_ranges(float32.model_path, calibration_dir, inputs, cache_dir)
+        committed = committed_ranges(float32.model_path)
+        if not committed.is_file():
+            raise QuantizationUnavailable(
+                f"no calibration ranges for MODEL={self.model.name} with these weights: "
+                "set CALIBRATION_DIR to a folder of 100-500 typical inputs"
+            )
+        return read_ranges(committed)
+
+    def _check_photos(self) -> np.ndarray:
+        """The shipped photos and their mirror images, as one batch."""
+        crops = [self.prepare(path.read_bytes(), max_pixels=10**8) for path in _CHECK_PHOTOS]
+        return np.stack(crops + [crop[:, ::-1] for crop in crops])
 
     def _check_agreement(self, onnx: Backend) -> None:
         pixels = self.prepare(_SAMPLE_IMAGE.read_bytes(), max_pixels=10**8)
@@ -93,6 +235,28 @@ class ImageModel:
             )
         self.agreement = difference
 
+    def _check_int8(self, float32: Backend, int8: Backend) -> None:
+        """Raises BackendMismatch unless ``int8_agreement`` accepts int8's outputs on the
+        check photos."""
+        batch = self._check_photos()
+        good, self.int8_agreement_text = self.int8_agreement(
+            float32.forward(batch), int8.forward(batch)
+        )
+        if not good:
+            raise BackendMismatch(
+                f"int8 disagrees with float32 on the check photos: {self.int8_agreement_text}"
+            )
+
+    def int8_agreement(self, expected: torch.Tensor, actual: torch.Tensor) -> tuple[bool, str]:
+        """Whether the int8 outputs ``actual`` are close enough to the float32 outputs
+        ``expected``, and the figures. Here: outputs through ``compare`` within
+        INT8_TOLERANCE. Tasks override it with what matters to them."""
+        difference = float((self._compare(actual) - self._compare(expected)).abs().max())
+        return (
+            difference <= INT8_TOLERANCE,
+            f"outputs within {difference:.3f} (bound {INT8_TOLERANCE})",
+        )
+
     @property
     def device(self) -> torch.device:
         return self.backend.device
@@ -102,12 +266,7 @@ class ImageModel:
 
         Raises the errors of ``decode_image``.
         """
-        # JPEGs are decoded at a reduced scale that keeps twice the resolution the resize
-        # needs: as fast as the tightest scale within 40%, and its crop differs from a
-        # full decode by under one grey level on average.
-        min_side = 2 * self.preprocess.resize_size
-        image = decode_image(data, max_pixels=max_pixels, min_side=min_side)
-        return self.preprocess.crop(image)
+        return prepare_image(self.preprocess, data, max_pixels=max_pixels)
 
     def warmup(self, max_batch_size: int, *, tune: bool = False) -> dict[str, Any]:
         """Runs the batch shapes the batcher forms (powers of two up to the maximum) and
@@ -122,10 +281,22 @@ class ImageModel:
         report: dict[str, Any] = {"backend": self.backend.name}
         if self.backend is self.torch_backend and self._channels_last_setting == "auto":
             report["memory_format_ms"] = self._choose_memory_format(min(max_batch_size, 4))
+        report["decode_seconds_per_item"] = self._decode_seconds()
         run = forward_random(self.backend)
         report |= tune_batch_size(run, max_batch_size, tune=tune, unit="images")
         report["seconds"] = round(time.perf_counter() - started, 3)
         return report
+
+    def _decode_seconds(self, rounds: int = 3) -> float:
+        """The best time of decoding and cropping the sample photo: a floor for what an
+        upload costs the decode threads."""
+        data = _SAMPLE_IMAGE.read_bytes()
+        best = math.inf
+        for _ in range(rounds):
+            started = time.perf_counter()
+            self.prepare(data, max_pixels=10**8)
+            best = min(best, time.perf_counter() - started)
+        return round(best, 6)
 
     def _choose_memory_format(self, batch_size: int) -> dict[str, Any]:
         backend = self.torch_backend
@@ -148,6 +319,8 @@ class ImageModel:
             "device": str(backend.device),
             "backend": backend.name,
             "backend_fallback_reason": self.fallback_reason,
+            "precision": self.precision,
+            "precision_reason": self.precision_reason,
             "channels_last": getattr(backend, "channels_last", None),
             "input_size": self.preprocess.crop_size,
         }

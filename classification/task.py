@@ -46,6 +46,8 @@ def image_model_options(context: LoadContext) -> dict[str, Any]:
         "channels_last": settings.channels_last,
         "backend": settings.backend,
         "dtype": settings.dtype,
+        "precision": settings.precision,
+        "calibration_dir": settings.calibration_dir,
         "cache_dir": context.cache_dir,
         "threads": context.threads,
     }

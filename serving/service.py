@@ -96,6 +96,9 @@ class TaskService:
         if "seconds_per_item" in report:
             # Shedding works from the first request, not only after the first batch.
             self.batcher.expect_seconds_per_item(report["seconds_per_item"])
+        if "decode_seconds_per_item" in report and self._decode_seconds.value is None:
+            # A flood that arrives before the first decode ends is judged with it.
+            self._decode_seconds.add(report["decode_seconds_per_item"])
         self.warmed_up.set()
 
     def require_warm(self) -> None:

@@ -93,8 +93,10 @@ class Task(Generic[Item, Result]):
     def warm_up(self, max_batch_size: int, tune: bool) -> dict[str, Any]:
         """Runs every batch shape the batcher forms, on ``example()``, before the server
         turns ready; with ``tune`` times them and reports the ``batch_size`` to use. The
-        report's ``seconds_per_item`` starts load shedding before the first batch.
-        Override for a warm-up of your own (the image tasks time their backend)."""
+        report's ``seconds_per_item`` starts load shedding before the first batch, and an
+        optional ``decode_seconds_per_item`` counts the decode threads' backlog in it
+        before the first decode. Override for a warm-up of your own (the image tasks time
+        their backend)."""
         example = self.example()
         if example is None:
             return {}

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from harness.server import GUNICORN, ROOT, Server, launch, running_server, stop, wait_ready
-from tests.images import photo_bytes
+from tests.images import TOP1, photo_bytes
 
 pytestmark = pytest.mark.anyio
 
@@ -103,7 +103,7 @@ async def test_killed_worker_is_replaced_and_serves_again(tmp_path: Path) -> Non
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             response = await client.post("/cls", files={"file": ("c.jpg", CAT)})
         assert response.status_code == 200
-        assert response.json()["prediction"]["label"] == "Egyptian cat"
+        assert response.json()["prediction"]["label"] in TOP1["chelsea"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from harness.server import ROOT, Server, free_port, stop
-from tests.images import photo_bytes
+from tests.images import photo_bytes, photo_of
 from tests.services import redis_server, require
 from tests.test_jobs_redis_e2e import NAMES, replica_env, replicas, wait_for
 
@@ -78,10 +78,7 @@ def test_a_job_goes_through_the_load_balancer(tmp_path: Path) -> None:
                 final = wait_for(lb, created["job_id"], "finished")
                 assert final["status"] == "succeeded"
                 labels = [r["prediction"]["label"] for r in final["results"]]
-                assert labels == [
-                    {"chelsea": "Egyptian cat", "coffee": "espresso", "rocket": "missile"}[n]
-                    for n in names
-                ]
+                assert [photo_of(label) for label in labels] == names
                 # One replica drains: the balancer's health check takes it out, and every
                 # request still succeeds on the other.
                 stop(servers[1])

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from harness.server import Server, launch, running_server, stop
 from serving import InputError, LoadContext, Task
 from serving.registry import load_tasks
-from tests.images import photo_bytes
+from tests.images import TOP1, photo_bytes
 from tests.test_gunicorn_e2e import metric
 from tests.test_jobs_e2e import poll_until_finished, read_events
 
@@ -112,7 +112,7 @@ def test_options_input_errors_and_the_other_task(server: Server) -> None:
     # A file part arrives as bytes, which this task does not take.
     assert httpx.post(f"{url}/square", files={"file": ("x", b"3")}).status_code == 422
     cat = httpx.post(f"{url}/cls", files={"file": ("cat.jpg", photo_bytes("chelsea"))})
-    assert cat.json()["prediction"]["label"] == "Egyptian cat"
+    assert cat.json()["prediction"]["label"] in TOP1["chelsea"]
 
 
 def test_a_job_of_the_task_completes(server: Server) -> None:
