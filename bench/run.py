@@ -84,8 +84,8 @@ def offline(images: list[Path]) -> tuple[dict[str, Any], Callable[[], float]]:
     decode_ms = (time.perf_counter() - started) / (rounds * len(data)) * 1000
 
     result: dict[str, Any] = {"decode_ms_per_image": round(decode_ms, 2), "backends": {}}
-    workers = settings.decode_threads("cpu")
     for name, classifier in classifiers.items():
+        workers = settings.decode_threads("cpu", int8=classifier.precision == "int8")
         if name == "torch":
             classifier.warmup(4)  # picks the faster memory layout, as the server does
         seconds = seconds_per_batch(classifier.backend, BATCH_SIZES)
@@ -108,7 +108,7 @@ def offline(images: list[Path]) -> tuple[dict[str, Any], Callable[[], float]]:
         classifiers[default],
         data,
         result["backends"][default]["best_batch_size"],
-        workers,
+        settings.decode_threads("cpu", int8=default == "onnxruntime int8"),
     )
 
 

@@ -108,7 +108,8 @@ class Engine:
         if not settings.job_concurrency and device.type == "cuda":
             # A GPU batch costs little more than one item: let job items fill big batches.
             self.jobs.concurrency = 2 * settings.batch_size_ceiling
-        self._pools = DecodePools(settings.decode_threads(device.type))
+        int8 = all(task.describe().get("precision") == "int8" for task in tasks)
+        self._pools = DecodePools(settings.decode_threads(device.type, int8=int8))
         for task in tasks:
             service = TaskService(task, settings, self._pools, on_crash=self._batcher_crashed)
             service.batcher.start()

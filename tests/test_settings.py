@@ -54,3 +54,9 @@ def test_decode_threads_leave_the_cpu_model_its_cores(
     settings = Settings(workers=workers)
     assert settings.decode_threads(device) == expected
     assert Settings(workers=workers, decode_workers=3).decode_threads(device) == 3
+
+
+def test_an_int8_model_gets_every_core_for_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert Settings(workers=2).decode_threads("cpu", int8=True) == 8
+    assert Settings(workers=2, decode_workers=3).decode_threads("cpu", int8=True) == 3
