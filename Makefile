@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev install-bench services run test lint typecheck pytest docker-check bench bench-jobs bench-overload page-screenshot clean
+.PHONY: help install install-dev install-bench services run test lint typecheck pytest docker-check bench bench-jobs bench-overload page-screenshot calibrate clean
 
 help:
 	@echo "make run    - create $(VENV) if needed, install what changed, serve on :5001"
@@ -67,6 +67,11 @@ bench-jobs: install-dev services
 # The README's picture of the page (docs/page.png), from a real server and browser.
 page-screenshot: install-dev services
 	$(PY) scripts/page_screenshot.py
+
+# The default model's int8 activation ranges (classification/data/int8_ranges/), measured
+# on ../shared/calibration or on CALIBRATION_FOLDER; run again when the weights change.
+calibrate: install-dev
+	$(PY) scripts/calibrate.py $(CALIBRATION_FOLDER)
 
 # No Docker engine here: replay the Dockerfile's install steps and CMD instead.
 docker-check:

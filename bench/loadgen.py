@@ -186,7 +186,7 @@ def main() -> None:
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # open loop: many connections
-    images = sorted(Path(args.images).glob("*.jpg"))
+    images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".jpg", ".jpeg"})
     requests = [build_request(args.path, args.port, p.read_bytes(), p.name) for p in images]
     started = time.perf_counter()
     result = asyncio.run(run(args, requests))

@@ -2,8 +2,8 @@
 feature backbone) on a folder of photos and writes them to classification/data/int8_ranges/,
 where PRECISION=int8 and auto find them. Run it again when the weights or the export change.
 
-    .venv/bin/python scripts/calibrate.py [FOLDER]      (make calibrate; FOLDER defaults
-                                                        to ../shared/calibration)
+    .venv/bin/python scripts/calibrate.py [FOLDER]
+    make calibrate [CALIBRATION_FOLDER=...]     (FOLDER defaults to ../shared/calibration)
 """
 
 import argparse
