@@ -463,8 +463,8 @@ def markdown(report: dict[str, Any], png: str) -> str:
         f"Closed-loop clients on keep-alive connections, each sending the next of "
         f"{len(LONG_SIDES) * len(PHOTOS)} JPEGs; {report['duration_s']} s measured per level "
         "after 1 s of warm-up. Latencies are of 200 responses. Order of the run: offline "
-        "limits, ours (defaults), the pipeline limit again, overload, then the other servers "
-        "as listed.",
+        "limits, ours (defaults), ours PRECISION=float32 (each also on the shared photos when "
+        "present), the pipeline limit again, overload, then the other servers as listed.",
         "",
         f"![throughput and latency]({png})",
         "",
