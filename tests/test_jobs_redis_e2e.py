@@ -224,7 +224,9 @@ def test_a_job_survives_a_replica_that_dies_or_stops_mid_way(
 ) -> None:
     env = replica_env(redis_service, f"die-{uuid.uuid4().hex[:6]}")
     with replicas(env, tmp_path, 2) as (survivor, victim):
-        names = NAMES * 70
+        # Enough that the job is still running when the victim goes (with int8 on 2 cores,
+        # 210 items took about a second).
+        names = NAMES * 200
         created = submit(victim, names)
         wait_for(survivor, created["job_id"], "done >= 30")
         assert httpx.get(f"{victim.url}/metadata").json()["jobs"]["in_flight"] > 0
