@@ -21,7 +21,6 @@ from classification.onnx_backend import (
     cached_backend,
     exported_model,
 )
-from classification.preprocess import Preprocess
 from classification.quantize import (
     QuantizationUnavailable,
     Ranges,
@@ -50,18 +49,6 @@ _CHECK_PHOTOS = [
     Path(__file__).parent / "data" / name for name in ("sample.jpg", "coffee.jpg", "rocket.jpg")
 ]
 INT8_TOLERANCE = 0.1
-
-
-def prepare_image(preprocess: Preprocess, data: bytes, *, max_pixels: int) -> np.ndarray:
-    """Decodes and crops one image file to ``preprocess``'s uint8 input window.
-
-    Raises the errors of ``decode_image``.
-    """
-    # JPEGs are decoded at a reduced scale that keeps twice the resolution the resize
-    # needs: as fast as the tightest scale within 40%, and its crop differs from a
-    # full decode by under one grey level on average.
-    image = decode_image(data, max_pixels=max_pixels, min_side=2 * preprocess.resize_size)
-    return preprocess.crop(image)
 
 
 class ImageModel:
@@ -118,15 +105,15 @@ class ImageModel:
                 raise ValueError(
                     "BACKEND=onnxruntime runs on the CPU: use DEVICE=cpu or BACKEND=torch"
                 )
-            self._try_onnx(cache_dir or Path(".model-cache"), threads or torch.get_num_threads())
-            if precision == "float32":
-                pass
-            elif isinstance(self.backend, OnnxBackend):
-                self._try_int8(precision, calibration_dir, cache_dir or Path(".model-cache"))
-            else:
-                self.precision_reason = (
-                    "int8 runs on ONNX Runtime, which is not used: see backend_fallback_reason"
-                )
+            cache_dir = cache_dir or Path(".model-cache")
+            self._try_onnx(cache_dir, threads or torch.get_num_threads())
+            if precision != "float32":
+                if isinstance(self.backend, OnnxBackend):
+                    self._try_int8(precision, calibration_dir, cache_dir)
+                else:
+                    self.precision_reason = (
+                        "int8 runs on ONNX Runtime, which is not used: see backend_fallback_reason"
+                    )
         elif precision == "auto":
             self.precision_reason = "PRECISION=auto: int8 is for ONNX Runtime on the CPU"
 
@@ -149,31 +136,26 @@ class ImageModel:
     def _try_int8(self, precision: str, calibration_dir: Path | None, cache_dir: Path) -> None:
         """Replaces the float32 ONNX backend by its int8 form when ``precision`` asks
         for it and the int8 model agrees with float32 on the check photos."""
-        assert isinstance(self.backend, OnnxBackend)
-        float32 = self.backend
+        float32 = self.float32_onnx()
         if precision == "auto" and not cpu_has_vnni():
             self._keep_float32(
                 "PRECISION=auto: this CPU has no VNNI, where int8 with uint8 activations "
                 "can saturate and lose accuracy"
             )
             return
-        if (
-            precision == "int8"
-            and calibration_dir is None
-            and not committed_ranges(float32.model_path).is_file()
-        ):
-            raise ValueError(
-                f"PRECISION=int8 needs calibration images for MODEL={self.model.name}: "
-                "set CALIBRATION_DIR to a folder of 100-500 typical inputs (only the "
-                "default model's weights come with ranges)"
-            )
         try:
+            ranges = self._int8_ranges(calibration_dir, cache_dir)
+            if ranges is None:
+                missing = (
+                    f"PRECISION={precision} needs calibration images for "
+                    f"MODEL={self.model.name}: set CALIBRATION_DIR to a folder of 100-500 "
+                    "typical inputs (only the default model's weights come with ranges)"
+                )
+                if precision == "int8":
+                    raise ValueError(missing)
+                raise QuantizationUnavailable(missing)
             int8 = cached_backend(
-                lambda: quantized_model(
-                    float32.model_path,
-                    self._int8_ranges(float32, calibration_dir, cache_dir),
-                    cache_dir,
-                ),
+                lambda: quantized_model(float32.model_path, ranges, cache_dir),
                 self.preprocess,
                 float32.threads,
             )
@@ -199,25 +181,29 @@ class ImageModel:
         self.precision_reason = reason
         logger.warning("serving float32: %s", reason)
 
-    def _int8_ranges(
-        self, float32: OnnxBackend, calibration_dir: Path | None, cache_dir: Path
-    ) -> Ranges:
+    def _int8_ranges(self, calibration_dir: Path | None, cache_dir: Path) -> Ranges | None:
+        """The float32 ONNX model's activation ranges: measured on ``calibration_dir``,
+        else the committed ones; None when there are none for this model."""
+        model_path = self.float32_onnx().model_path
         if calibration_dir is not None:
+            return folder_ranges(model_path, calibration_dir, self.calibration_input, cache_dir)
+        committed = committed_ranges(model_path)
+        return read_ranges(committed) if committed.is_file() else None
 
-            def inputs(data: bytes) -> np.ndarray:
-                try:
-                    return float32.inputs(self.prepare(data, max_pixels=10**8)[None])
-                except ImageError as exc:
-                    raise ValueError(str(exc)) from exc
+    def float32_onnx(self) -> OnnxBackend:
+        """The float32 ONNX Runtime backend in use, before int8 may replace it."""
+        if not isinstance(self.backend, OnnxBackend) or self.precision != "float32":
+            raise RuntimeError("the float32 ONNX Runtime backend is not in use")
+        return self.backend
 
-            return folder_ranges(float32.model_path, calibration_dir, inputs, cache_dir)
-        committed = committed_ranges(float32.model_path)
-        if not committed.is_file():
-            raise QuantizationUnavailable(
-                f"no calibration ranges for MODEL={self.model.name} with these weights: "
-                "set CALIBRATION_DIR to a folder of 100-500 typical inputs"
-            )
-        return read_ranges(committed)
+    def calibration_input(self, data: bytes) -> np.ndarray:
+        """One image file as the float32 ONNX model's normalised input, for calibration.
+        Raises ValueError for a file that does not decode."""
+        try:
+            pixels = self.prepare(data, max_pixels=10**8)
+        except ImageError as exc:
+            raise ValueError(str(exc)) from exc
+        return self.float32_onnx().inputs(pixels[None])
 
     def _check_photos(self) -> np.ndarray:
         """The shipped photos and their mirror images, as one batch."""
@@ -266,7 +252,12 @@ class ImageModel:
 
         Raises the errors of ``decode_image``.
         """
-        return prepare_image(self.preprocess, data, max_pixels=max_pixels)
+        # JPEGs are decoded at a reduced scale that keeps twice the resolution the resize
+        # needs: as fast as the tightest scale within 40%, and its crop differs from a
+        # full decode by under one grey level on average.
+        min_side = 2 * self.preprocess.resize_size
+        image = decode_image(data, max_pixels=max_pixels, min_side=min_side)
+        return self.preprocess.crop(image)
 
     def warmup(self, max_batch_size: int, *, tune: bool = False) -> dict[str, Any]:
         """Runs the batch shapes the batcher forms (powers of two up to the maximum) and

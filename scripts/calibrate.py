@@ -11,15 +11,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from classification.embedding import backbone  # noqa: E402
-from classification.image_model import prepare_image  # noqa: E402
+from classification import Classifier, Embedder  # noqa: E402
 from classification.models import DEFAULT_MODEL, load_model  # noqa: E402
-from classification.onnx_backend import OPSET, OnnxBackend, exported_model  # noqa: E402
+from classification.onnx_backend import OPSET  # noqa: E402
 from classification.quantize import (  # noqa: E402
     RANGES_DIR,
     calibration_images,
@@ -34,21 +31,16 @@ def write_all(folder: Path, target: Path) -> None:
     ``folder`` and writes them into the folder ``target``."""
     images = calibration_images(folder)
     contents = [path.read_bytes() for path in images]
-    classifier = load_model(DEFAULT_MODEL)
+    model = load_model(DEFAULT_MODEL)
     with tempfile.TemporaryDirectory() as cache:
-        for model in (classifier, backbone(classifier)):
-            exported = exported_model(
-                model.module, model.name, model.preprocess.crop_size, Path(cache)
-            )
-            backend = OnnxBackend(exported, model.preprocess, threads=2)
-
-            def inputs(data: bytes, backend: OnnxBackend = backend) -> np.ndarray:
-                pixels = prepare_image(backend.preprocess, data, max_pixels=10**8)
-                return backend.inputs(pixels[None])
-
-            ranges = image_ranges(exported, contents, inputs)
+        for image_model in (
+            Classifier(model, backend="onnxruntime", cache_dir=Path(cache), threads=2),
+            Embedder(model, backend="onnxruntime", cache_dir=Path(cache), threads=2),
+        ):
+            exported = image_model.float32_onnx().model_path
+            ranges = image_ranges(exported, contents, image_model.calibration_input)
             path = target / committed_ranges(exported).name
-            about = {"images": len(images), "model": model.name, "opset": OPSET}
+            about = {"images": len(images), "model": image_model.model.name, "opset": OPSET}
             write_ranges(path, ranges, about)
             print(f"{path}: {len(ranges)} tensors from {len(images)} images")
 
