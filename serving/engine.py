@@ -1,6 +1,7 @@
 """What one server process runs: its tasks, the decode threads they share, and the jobs."""
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -124,6 +125,12 @@ class Engine:
     async def _warm_up(self) -> None:
         for service in self.services.values():
             await service.warm_up()
+        # What is alive now (the libraries, the models) lives as long as the process.
+        # Frozen, the garbage collector stops walking it: a full collection of a process
+        # that imported torch took tens of milliseconds of the event loop, and requests
+        # (refusals above all) allocate enough to set one off every few seconds.
+        await asyncio.to_thread(gc.collect)
+        gc.freeze()
         self.warmed_up.set()
         if not self.jobs_disabled and not self.stopping.is_set():
             self.jobs.start()
@@ -182,6 +189,7 @@ class Engine:
         await asyncio.gather(*(s.batcher.stop(left) for s in self.services.values()))
         if self._pools is not None:
             self._pools.shutdown()
+        gc.unfreeze()  # the models may go now (a process that starts another engine)
 
     def liveness(self) -> str | None:
         """None while the engine can serve, or will once warm; otherwise why it cannot."""

@@ -1,5 +1,5 @@
-"""The HTTP layer's edges, in-process: what reaches the log, clients that go away, and
-work kept off the event loop. A small task stands in for the model."""
+"""The HTTP layer's edges, in-process: what reaches the log, clients that go away, work
+kept off the event loop, and the door's refusals. A small task stands in for the model."""
 
 import asyncio
 import gc
@@ -221,3 +221,12 @@ async def test_a_refusal_is_answered_before_any_of_fastapis_layers() -> None:
         assert refused.json()["detail"]
         assert (await client.get("/health/live")).status_code == 200
     assert reached == ["/health/live"]
+
+
+async def test_what_lives_as_long_as_the_process_is_kept_out_of_garbage_collection(
+    app: FastAPI,
+) -> None:
+    # The app fixture has warmed up: the models and libraries are frozen.
+    assert gc.get_freeze_count() > 0
+    async with client_of(app) as client:
+        assert (await client.post("/square", json={"x": 3})).status_code == 200
