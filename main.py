@@ -15,9 +15,10 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from api.access_log import AccessLogMiddleware
-from api.admission import EarlyAdmission
+from api.admission import Door, EarlyAdmission
 from api.errors import describe, install_error_handlers
 from api.limits import BodySizeLimitMiddleware
+from api.protocol import AdmissionProtocol
 from api.routes import health, jobs, metadata, metrics
 from api.routes.page import page_router, read_page
 from api.routes.tasks import task_router
@@ -82,10 +83,11 @@ class ServingApp(FastAPI):
 
     def __init__(self, task_routes: dict[str, str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.door = EarlyAdmission(super().__call__, self.state, task_routes)
+        self.door = Door(self.state, task_routes)
+        self._early = EarlyAdmission(super().__call__, self.door)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.door(scope, receive, send)
+        await self._early(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True) -> ServingApp:
@@ -153,6 +155,7 @@ def run() -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        http=AdmissionProtocol,
         timeout_graceful_shutdown=settings.connection_grace_s,
         timeout_keep_alive=settings.keepalive,
     )

@@ -1,26 +1,29 @@
-"""Refusing overload at the door: in front of FastAPI, before its layers, routing and the
-body.
+"""Refusing overload at the door, before FastAPI's layers, routing and the body.
 
 Under a retry storm the event loop spends itself on refusals, and every cycle it spends
 there is one the decode threads and the model wait for (they share its GIL). So a task
 request the engine would refuse anyway (not ready, or too far behind to answer within
-TIMEOUT) is answered here, with a response built from a few bytes, and without the
-per-request access-log line: refusals are counted, and logged once a second.
+TIMEOUT) is answered at the door, without the per-request access-log line: refusals are
+counted, and logged once a second.
+
+There are two doors around one judge (``Door``). Under our uvicorn and gunicorn setups
+the server's own HTTP protocol asks it before any ASGI work (``api/protocol.py``);
+``EarlyAdmission`` asks it in front of FastAPI under any other ASGI server, and passes
+through what the protocol already admitted.
 
 A client that comes back on the same connection before the Retry-After it was given is
 not answered at once: its next answer waits out the rest of that Retry-After, and is a
 200 only if the server can still answer within TIMEOUT of the request's arrival. A polite
-client, which waits, is never held; an
-impolite one is paced to one refusal per Retry-After per connection, instead of as many
-as the event loop can write.
+client, which waits, is never held; an impolite one is paced to one refusal per
+Retry-After per connection, instead of as many as the event loop can write.
 """
 
 import asyncio
 import json
 import logging
-import time
 
 from starlette.datastructures import State
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import error_response
@@ -36,17 +39,14 @@ MAX_REMEMBERED = 10_000
 SUMMARY_INTERVAL_S = 1.0
 
 
-class EarlyAdmission:
-    """Answers 503 for a POST to a task route the engine cannot take now, and hands every
-    other request to ``app``. ``routes`` maps each such path to its task name; the engine
-    is the one in ``state`` (the app's), once the lifespan has started it."""
+class Door:
+    """Judges each POST to a task route as it arrives. ``routes`` maps each such path to
+    its task name; the engine is the one in ``state`` (the app's), once the lifespan has
+    started it."""
 
-    def __init__(self, app: ASGIApp, state: State, routes: dict[str, str]) -> None:
-        self.app = app
+    def __init__(self, state: State, routes: dict[str, str]) -> None:
         self.state = state
         self.routes = routes
-        # (client host, client port) of a connection -> loop time its Retry-After ends.
-        self._refused_until: dict[tuple[str, int], float] = {}
         self._refusals = 0
         self._summary: asyncio.TimerHandle | None = None
         self._metrics = {
@@ -54,44 +54,27 @@ class EarlyAdmission:
             for route in routes
         }
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        name = self.routes.get(scope["path"]) if scope["type"] == "http" else None
-        engine = getattr(self.state, "engine", None) if name else None
-        if name is None or engine is None or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        service = engine.services[name]
-        loop = asyncio.get_running_loop()
-        connection = scope.get("client")
-        key = (connection[0], connection[1]) if connection else None
-        arrived_at = loop.time()
-        held_until = self._refused_until.pop(key, 0.0) if key else 0.0
-        if held_until > arrived_at:
-            await asyncio.sleep(held_until - arrived_at)  # it did not wait as asked
-            scope.setdefault("state", {})["arrived_at"] = arrived_at
+    def guards(self, scope: Scope) -> bool:
+        """Whether this request is one for the door to judge."""
+        return (
+            scope["method"] == "POST"
+            and scope["path"] in self.routes
+            and getattr(self.state, "engine", None) is not None
+        )
+
+    def judge(self, scope: Scope, arrived_at: float) -> Response | None:
+        """The refusal for a request that arrived at ``arrived_at`` (the loop's clock), or
+        None when it is admitted; its route then counts TIMEOUT from that arrival."""
+        engine = self.state.engine
         try:
             if (reason := engine.liveness()) is not None:
                 raise NotReady(reason)
-            service.admit(arrived_at)
+            engine.services[self.routes[scope["path"]]].admit(arrived_at)
         except (NotReady, QueueFull) as exc:
-            response = error_response(exc)
-            if key is not None:
-                self._remember(key, loop.time() + float(response.headers["retry-after"]))
-            await refuse(scope, receive, send, response)
-            self._count(scope["path"], time.perf_counter() - started)
-            return
-        await self.app(scope, receive, send)
-
-    def _remember(self, key: tuple[str, int], until: float) -> None:
-        refused = self._refused_until
-        if len(refused) >= MAX_REMEMBERED:
-            now = asyncio.get_running_loop().time()
-            for stale in [k for k, t in refused.items() if t <= now]:
-                del refused[stale]
-            if len(refused) >= MAX_REMEMBERED:
-                refused.clear()  # a flood of connections: pacing restarts rather than grows
-        refused[key] = until
+            self._count(scope["path"], asyncio.get_running_loop().time() - arrived_at)
+            return error_response(exc)
+        scope.setdefault("state", {})["arrived_at"] = arrived_at
+        return None
 
     def _count(self, route: str, seconds: float) -> None:
         counter, latency = self._metrics[route]
@@ -109,3 +92,51 @@ class EarlyAdmission:
             "%s",
             json.dumps({"refused_up_front": count, "status": 503, "seconds": SUMMARY_INTERVAL_S}),
         )
+
+
+def retry_after(response: Response) -> float:
+    return float(response.headers["retry-after"])
+
+
+class EarlyAdmission:
+    """The door as ASGI middleware: answers 503 for what ``door`` refuses, and hands
+    every other request to ``app``. It paces by the client address in the scope."""
+
+    def __init__(self, app: ASGIApp, door: Door) -> None:
+        self.app = app
+        self.door = door
+        # (client host, client port) of a connection -> loop time its Retry-After ends.
+        self._refused_until: dict[tuple[str, int], float] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or "arrived_at" in scope.get("state", {})  # judged by the protocol already
+            or not self.door.guards(scope)
+        ):
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        connection = scope.get("client")
+        key = (connection[0], connection[1]) if connection else None
+        arrived_at = loop.time()
+        held_until = self._refused_until.pop(key, 0.0) if key else 0.0
+        if held_until > arrived_at:
+            await asyncio.sleep(held_until - arrived_at)  # it did not wait as asked
+        refusal = self.door.judge(scope, arrived_at)
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        if key is not None:
+            self._remember(key, loop.time() + retry_after(refusal))
+        await refuse(scope, receive, send, refusal)
+
+    def _remember(self, key: tuple[str, int], until: float) -> None:
+        refused = self._refused_until
+        if len(refused) >= MAX_REMEMBERED:
+            now = asyncio.get_running_loop().time()
+            for stale in [k for k, t in refused.items() if t <= now]:
+                del refused[stale]
+            if len(refused) >= MAX_REMEMBERED:
+                refused.clear()  # a flood of connections: pacing restarts rather than grows
+        refused[key] = until

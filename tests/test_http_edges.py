@@ -1,5 +1,5 @@
 """The HTTP layer's edges, in-process: what reaches the log, clients that go away, work
-kept off the event loop, and the door's refusals. A small task stands in for the model."""
+kept off the event loop, and refusals at the door. A small task stands in for the model."""
 
 import asyncio
 import gc
@@ -10,10 +10,13 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from api.json_pieces import loads_in_pieces
+from api.protocol import AdmissionProtocol
+from harness.server import free_port
 from main import create_app
 from settings import Settings
 
@@ -221,6 +224,81 @@ async def test_a_refusal_is_answered_before_any_of_fastapis_layers() -> None:
         assert refused.json()["detail"]
         assert (await client.get("/health/live")).status_code == 200
     assert reached == ["/health/live"]
+
+
+class Spy:
+    """Wraps an app and records the path of every HTTP request that reaches it."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.paths: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.paths.append(scope["path"])
+        await self.app(scope, receive, send)
+
+
+async def serve(app: Spy) -> AsyncIterator[str]:
+    """``app`` behind uvicorn, with the protocol main.run and the worker use, on a free
+    port; yields its base URL once the models are warm."""
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, http=AdmissionProtocol, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 60
+    while not server.started:  # uvicorn offers no event for this
+        assert not serving.done(), "uvicorn stopped while starting"
+        assert time.monotonic() < deadline, "uvicorn did not start within a minute"
+        await asyncio.sleep(0.02)
+    await asyncio.wait_for(app.app.state.engine.warmed_up.wait(), timeout=60)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def test_the_server_refuses_and_paces_before_the_app_is_called() -> None:
+    # TIMEOUT far below one batch: admission refuses every request up front.
+    spy = Spy(create_app(Settings(tasks="tests.test_tasks_e2e:Square", timeout=1e-6)))
+    async for url in serve(spy):
+        async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1)) as one:
+            started = time.perf_counter()
+            first = await one.post("/square", json={"x": 2})
+            fast = time.perf_counter() - started
+            assert first.status_code == 503
+            assert "retry after" in first.json()["detail"]
+            retry_after = float(first.headers["retry-after"])
+            assert fast < retry_after / 2
+            # Back at once on the same connection: answered when its Retry-After is over,
+            # and still on that connection.
+            started = time.perf_counter()
+            again = await one.post("/square", json={"x": 2})
+            assert again.status_code == 503
+            assert time.perf_counter() - started > 0.8 * retry_after
+            assert (await one.get("/health/live")).status_code == 200
+        async with httpx.AsyncClient(base_url=url) as other:
+            started = time.perf_counter()
+            assert (await other.post("/square", json={"x": 2})).status_code == 503
+            assert time.perf_counter() - started < retry_after / 2
+            # A connection that closes after the request is refused by the app's door,
+            # which reads the body first (for clients that write it all before reading).
+            closing = await other.post("/square", json={"x": 2}, headers={"Connection": "close"})
+            assert closing.status_code == 503
+    assert spy.paths == ["/health/live", "/square"]
+
+
+async def test_the_protocol_hands_admitted_requests_to_the_app() -> None:
+    spy = Spy(create_app(Settings(tasks="tests.test_tasks_e2e:Square")))
+    async for url in serve(spy):
+        async with httpx.AsyncClient(base_url=url) as client:
+            response = await client.post("/square", json={"x": 3})
+            assert response.status_code == 200, response.text
+            assert response.json()["square"] == 9
+    assert spy.paths == ["/square"]
 
 
 async def test_what_lives_as_long_as_the_process_is_kept_out_of_garbage_collection(
