@@ -2,6 +2,7 @@
 kept off the event loop, and refusals at the door. A small task stands in for the model."""
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -239,6 +240,7 @@ class Spy:
         await self.app(scope, receive, send)
 
 
+@contextlib.asynccontextmanager
 async def serve(app: Spy) -> AsyncIterator[str]:
     """``app`` behind uvicorn, with the protocol main.run and the worker use, on a free
     port; yields its base URL once the models are warm."""
@@ -264,7 +266,7 @@ async def serve(app: Spy) -> AsyncIterator[str]:
 async def test_the_server_refuses_and_paces_before_the_app_is_called() -> None:
     # TIMEOUT far below one batch: admission refuses every request up front.
     spy = Spy(create_app(Settings(tasks="tests.test_tasks_e2e:Square", timeout=1e-6)))
-    async for url in serve(spy):
+    async with serve(spy) as url:
         async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1)) as one:
             started = time.perf_counter()
             first = await one.post("/square", json={"x": 2})
@@ -293,11 +295,10 @@ async def test_the_server_refuses_and_paces_before_the_app_is_called() -> None:
 
 async def test_the_protocol_hands_admitted_requests_to_the_app() -> None:
     spy = Spy(create_app(Settings(tasks="tests.test_tasks_e2e:Square")))
-    async for url in serve(spy):
-        async with httpx.AsyncClient(base_url=url) as client:
-            response = await client.post("/square", json={"x": 3})
-            assert response.status_code == 200, response.text
-            assert response.json()["square"] == 9
+    async with serve(spy) as url, httpx.AsyncClient(base_url=url) as client:
+        response = await client.post("/square", json={"x": 3})
+        assert response.status_code == 200, response.text
+        assert response.json()["square"] == 9
     assert spy.paths == ["/square"]
 
 
