@@ -35,11 +35,11 @@ import job_store_bench  # noqa: E402  (bench/, first on the path when run as a s
 from classification import Classifier, ClassifyInput, load_model  # noqa: E402
 from classification.backend import seconds_per_batch  # noqa: E402
 from classification.quantize import cpu_has_vnni  # noqa: E402
+from harness import calibration  # noqa: E402
 from harness.server import Server, free_port, stop, wait_ready  # noqa: E402
 from settings import Settings  # noqa: E402
 
 PHOTOS = sorted((ROOT / "tests" / "data").glob("*.jpg"))
-SHARED_PHOTOS = ROOT.parent / "shared" / "calibration"
 LONG_SIDES = (320, 640, 1024, 1600, 2400)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 CONCURRENCY = (1, 8, 32, 128)
@@ -131,10 +131,9 @@ def agreement(float32: Classifier, int8: Classifier, images: list[Path]) -> dict
     result: dict[str, Any] = {}
     a, b = top1(float32, images), top1(int8, images)
     result["bench_photos"] = {"images": len(images), "agreement": same(a, b)}
-    shared = sorted(SHARED_PHOTOS.glob("*.JPEG"))
+    shared = calibration.photos()
     if shared:
-        key = {label_key(label): i for i, label in enumerate(float32.labels)}
-        truth = [key[label_key(p.stem.split("_", 1)[1])] for p in shared]
+        truth = calibration.true_classes(shared, float32.labels)
         a, b = top1(float32, shared), top1(int8, shared)
         result["shared_photos"] = {
             "images": len(shared),
@@ -147,11 +146,6 @@ def agreement(float32: Classifier, int8: Classifier, images: list[Path]) -> dict
 
 def same(a: list[int], b: list[int]) -> float:
     return round(sum(x == y for x, y in zip(a, b, strict=True)) / len(a), 4)
-
-
-def label_key(name: str) -> str:
-    """A class name as both the labels file and the shared photos' file names spell it."""
-    return name.lower().replace("_", " ").replace("-", " ").replace("'", "")
 
 
 def pipeline_rate(
@@ -548,12 +542,12 @@ def main() -> None:
         print("servers under load ...", flush=True)
         ours, float32, lit, *others = SERVERS
         report["servers"] = servers([ours, float32], images, work, args.duration)
-        if SHARED_PHOTOS.is_dir():
+        if calibration.FOLDER.is_dir():
             # The same two on photos of ImageNet's size (about 500 x 375), which decode in
             # a fraction of the time the benchmark's large JPEGs take.
             print("ours on ../shared/calibration ...", flush=True)
             report["servers_on_shared_photos"] = servers(
-                [ours, float32], SHARED_PHOTOS, work, args.duration, levels=(32,)
+                [ours, float32], calibration.FOLDER, work, args.duration, levels=(32,)
             )
         onnx = report["offline"]["backends"][default_backend()]
         onnx["pipeline_after_ours"] = round(pipeline_again(), 1)

@@ -24,6 +24,7 @@ from classification.quantize import (  # noqa: E402
     image_ranges,
     write_ranges,
 )
+from harness import calibration  # noqa: E402
 
 
 def write_all(folder: Path, target: Path) -> None:
@@ -47,8 +48,7 @@ def write_all(folder: Path, target: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default = ROOT.parent / "shared" / "calibration"
-    parser.add_argument("folder", nargs="?", type=Path, default=default)
+    parser.add_argument("folder", nargs="?", type=Path, default=calibration.FOLDER)
     write_all(parser.parse_args().folder, RANGES_DIR)
 
 

@@ -1,16 +1,15 @@
 """Image embeddings: the two backends agree, and distances mean something."""
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
 from classification import Embedder, load_model
+from harness import calibration
 from tests.images import encode, photo_bytes
 
-CALIBRATION = Path(__file__).parents[2] / "shared" / "calibration"
 PHOTOS = ("chelsea", "coffee", "rocket")
 
 
@@ -61,11 +60,11 @@ def test_a_near_duplicate_is_closer_than_any_other_photo(embedders: dict[str, Em
         assert similarity[i, i] > max(others) + 0.2, (name, similarity)
 
 
-@pytest.mark.skipif(not CALIBRATION.is_dir(), reason="../shared/calibration is not here")
+@pytest.mark.skipif(not calibration.FOLDER.is_dir(), reason="../shared/calibration is not here")
 def test_nearest_neighbours_share_a_kind_far_above_chance(embedders: dict[str, Embedder]) -> None:
     """On the shared photos (one per ImageNet class): a dog's nearest other photo is
     mostly another breed of dog, a bird's another bird."""
-    files = sorted(CALIBRATION.glob("*.JPEG"))
+    files = calibration.photos()
     wordnet_ids = np.array([int(f.name[1:9]) for f in files])
     embedder = embedders["onnxruntime"]
     embedded = vectors(embedder, [f.read_bytes() for f in files])

@@ -16,13 +16,13 @@ import classification.image_model
 from classification import Classifier, load_model
 from classification.models import LoadedModel
 from classification.quantize import RANGES_DIR, read_ranges
-from harness.server import ROOT, running_server
+from harness import calibration
+from harness.server import running_server
 from tests.images import PHOTOS, TOP1, photo_bytes
 
-SHARED_PHOTOS = ROOT.parent / "shared" / "calibration"
 needs_shared_photos = pytest.mark.skipif(
-    not SHARED_PHOTOS.is_dir(),
-    reason=f"{SHARED_PHOTOS} is absent (the photos are not part of the repository)",
+    not calibration.FOLDER.is_dir(),
+    reason=f"{calibration.FOLDER} is absent (the photos are not part of the repository)",
 )
 
 
@@ -204,7 +204,7 @@ def test_committed_ranges_are_those_of_the_shared_photos(tmp_path: Path) -> None
     """scripts/calibrate.py, run on ../shared/calibration, reproduces the committed ranges."""
     import scripts.calibrate
 
-    scripts.calibrate.write_all(SHARED_PHOTOS, tmp_path)
+    scripts.calibrate.write_all(calibration.FOLDER, tmp_path)
     committed = sorted(RANGES_DIR.glob("*.json"))
     assert [p.name for p in sorted(tmp_path.glob("*.json"))] == [p.name for p in committed]
     for path in committed:
@@ -214,14 +214,8 @@ def test_committed_ranges_are_those_of_the_shared_photos(tmp_path: Path) -> None
             assert measured[name] == pytest.approx((low, high), rel=1e-4, abs=1e-5), name
 
 
-def name_key(name: str) -> str:
-    """A class name as both the labels file and the photos' file names spell it."""
-    return name.lower().replace("_", " ").replace("-", " ").replace("'", "")
-
-
 async def top1_accuracy(url: str, photos: list[Path], labels: tuple[str, ...]) -> float:
     """The share of ``photos`` whose top class over HTTP is the one their name gives."""
-    index = {name_key(label): i for i, label in enumerate(labels)}
     limit = asyncio.Semaphore(8)
 
     async def top1(client: httpx.AsyncClient, path: Path, data: bytes) -> int:
@@ -232,7 +226,7 @@ async def top1_accuracy(url: str, photos: list[Path], labels: tuple[str, ...]) -
 
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         predicted = await asyncio.gather(*(top1(client, p, p.read_bytes()) for p in photos))
-    truth = [index[name_key(p.stem.split("_", 1)[1])] for p in photos]
+    truth = calibration.true_classes(photos, labels)
     return sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(photos)
 
 
@@ -240,7 +234,7 @@ async def top1_accuracy(url: str, photos: list[Path], labels: tuple[str, ...]) -
 def test_int8_top1_on_the_shared_photos_is_within_half_a_point_of_float32(
     model: LoadedModel, tmp_path: Path
 ) -> None:
-    photos = sorted(SHARED_PHOTOS.glob("*.JPEG"))
+    photos = calibration.photos()
     assert len(photos) == 200
     accuracy = {}
     for precision in ("float32", "int8"):
