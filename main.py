@@ -78,7 +78,8 @@ class ServingApp(FastAPI):
     """FastAPI with an admission door in front of all of it. Under a retry storm most
     requests are refusals, and FastAPI's own layers (telemetry, body limit, exception
     handling) cost more per request than the refusal itself; the door answers before them.
-    ``task_routes`` maps each task's path to its name.
+    ``door`` is also what AdmissionProtocol (api/protocol.py) asks, earlier still, under
+    ``run()`` and the gunicorn worker. ``task_routes`` maps each task's path to its name.
     """
 
     def __init__(self, task_routes: dict[str, str], **kwargs: Any) -> None:

@@ -82,8 +82,8 @@ def task_router(task: Task[Any, Any]) -> APIRouter:
         options: Annotated[Options, Query()],  # type: ignore[valid-type]
     ) -> Any:
         service = engine.services[name]
-        # Admitted at the door (api/admission.py), before the upload was read. Held there,
-        # a request's TIMEOUT counts from its arrival.
+        # Admitted at the door (api/admission.py), before the upload was read; its
+        # TIMEOUT counts from its arrival there.
         arrived_at = getattr(request.state, "arrived_at", None)
         payload = await read_payload(request)
         run = service.run(payload, options, arrived_at=arrived_at)
