@@ -24,31 +24,45 @@ class Admission:
         self.observer = observer
         self.enabled = enabled
         self._seconds_per_item = RunningMean()
-        self._last: float | None = None
+        self._seconds_per_batch = RunningMean()
+        self._last: tuple[float, float] | None = None  # the last batch: per item, in all
 
     @property
     def seconds_per_item(self) -> float | None:
         """The recent mean, or the last batch's pace when that was slower: a slowdown
         (a busier host) counts from its first batch, a speed-up only as it lasts."""
-        mean = self._seconds_per_item.value
+        return self._slower(self._seconds_per_item.value, 0)
+
+    @property
+    def seconds_per_batch(self) -> float | None:
+        """How long one batch takes, the same way: the recent mean or the last if slower."""
+        return self._slower(self._seconds_per_batch.value, 1)
+
+    def _slower(self, mean: float | None, field: int) -> float | None:
         if mean is None or self._last is None:
             return mean
-        return max(mean, self._last)
+        return max(mean, self._last[field])
 
-    def expect(self, seconds_per_item: float) -> None:
-        """Seeds the estimate from a measurement made before the first batch."""
+    def expect(self, seconds_per_item: float, batch_size: int) -> None:
+        """Seeds the estimate from a measurement made before the first batch: batches of
+        ``batch_size`` at ``seconds_per_item``."""
         if self._seconds_per_item.value is None:
             self._seconds_per_item.add(seconds_per_item)
+            self._seconds_per_batch.add(seconds_per_item * batch_size)
 
     def batch_done(self, seconds: float, size: int) -> None:
-        self._last = seconds / size
-        self._seconds_per_item.add(self._last)
+        self._last = (seconds / size, seconds)
+        self._seconds_per_item.add(seconds / size)
+        self._seconds_per_batch.add(seconds)
 
     def expected_wait(self, ahead: int) -> float | None:
-        """Seconds until an item with ``ahead`` items before it has its result; None
-        before anything was measured."""
-        per_item = self.seconds_per_item
-        return None if per_item is None else (ahead + 1) * per_item
+        """Seconds until an item with ``ahead`` items before it has its result: their
+        work at the recent pace, then its own batch's, which a lone item waits out in full.
+        None before anything was measured."""
+        per_item, per_batch = self.seconds_per_item, self.seconds_per_batch
+        if per_item is None or per_batch is None:
+            return None
+        return ahead * per_item + per_batch
 
     def check(self, deadline: float | None, ahead: int, now: float) -> None:
         """Raises QueueFull if an item due at ``deadline`` would not be answered in time."""

@@ -126,8 +126,9 @@ class MicroBatcher(Generic[In, Out]):
 
     def expect_seconds_per_item(self, seconds: float) -> None:
         """Starts the estimate behind ``expected_wait`` from a measurement made before the
-        first batch, such as a warm-up's, so that admission works from the first request."""
-        self.admission.expect(seconds)
+        first batch, such as a warm-up's, so that admission works from the first request.
+        It counts batches of ``max_batch_size`` at that pace."""
+        self.admission.expect(seconds, self.max_batch_size)
 
     def start(self) -> None:
         """Starts the batch loop on the running event loop."""

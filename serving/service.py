@@ -118,13 +118,14 @@ class TaskService:
     def _admit(self, deadline: float | None) -> None:
         """Refuses a request that could not be decoded and computed by ``deadline``: the
         wait for the decode threads counts as much as the wait for the model, and the
-        items being decoded now will reach the model first."""
+        items being decoded now will reach the model first. Its own decode takes one
+        thread the whole decode time, however many threads share the backlog ahead."""
         if deadline is None:
             return
         decoding = self._decoding_interactive
         decode_wait = 0.0
         if (per_item := self._decode_seconds.value) is not None:
-            decode_wait = (decoding + 1) * per_item / self.pools.workers
+            decode_wait = (decoding / self.pools.workers + 1) * per_item
         self.batcher.admit(deadline - decode_wait, coming=decoding)
 
     async def run(

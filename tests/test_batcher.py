@@ -459,6 +459,19 @@ async def test_an_item_admitted_before_its_preparation_is_not_refused_again() ->
     await batcher.stop(drain_timeout=1)
 
 
+async def test_a_lone_item_is_admitted_only_with_time_for_its_whole_batch() -> None:
+    batcher = make_batcher(FakeModel(), max_batch_size=4, delay_s=0)
+    now = asyncio.get_running_loop().time()
+    batcher.expect_seconds_per_item(0.1)  # batches of four take 0.4 s
+    # Items ahead count at the per-item pace; the item's own batch counts in full.
+    assert batcher.expected_wait(coming=3) == pytest.approx(3 * 0.1 + 0.4)
+    # At 0.1 s per item a lone item would fit in 0.3 s, but its batch takes 0.4 s.
+    with pytest.raises(QueueFull, match="behind"):
+        batcher.admit(now + 0.3)
+    batcher.admit(now + 1.0)
+    await batcher.stop(drain_timeout=1)
+
+
 async def test_a_warm_up_measurement_makes_shedding_work_before_the_first_batch() -> None:
     model = FakeModel()
     loop = asyncio.get_running_loop()

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from batching import DeadlineExceeded
+from batching import DeadlineExceeded, QueueFull
 from serving import LoadContext, NoOptions, Task
 from serving.service import DecodePools, TaskService
 from settings import Settings
@@ -51,4 +51,30 @@ async def test_a_decode_that_timed_out_counts_until_its_thread_is_free() -> None
     finally:
         task.gate.set()
         await service.batcher.stop(1)
+        pools.shutdown()
+
+
+class SlowDecode(HeldDecode):
+    name = "slow"
+
+    def warm_up(self, max_batch_size: int, tune: bool) -> dict[str, float]:
+        return {"seconds_per_item": 0.001, "decode_seconds_per_item": 0.3}
+
+
+@pytest.mark.parametrize(("timeout_s", "admitted"), [(0.25, False), (1.0, True)])
+async def test_an_input_is_admitted_only_with_time_for_its_own_whole_decode(
+    timeout_s: float, admitted: bool
+) -> None:
+    # Four idle decode threads share a backlog, but one input still takes one of them
+    # its whole 0.3 s: within 0.25 s it cannot be answered, however many are free.
+    pools = DecodePools(4)
+    service = TaskService(SlowDecode(), Settings(timeout=timeout_s), pools)
+    await service.warm_up()
+    try:
+        if admitted:
+            service.admit()
+        else:
+            with pytest.raises(QueueFull, match="behind"):
+                service.admit()
+    finally:
         pools.shutdown()
