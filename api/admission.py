@@ -11,11 +11,12 @@ the server's own HTTP protocol asks it before any ASGI work (``api/protocol.py``
 ``EarlyAdmission`` asks it in front of FastAPI under any other ASGI server, and passes
 through what the protocol already admitted.
 
-A client that comes back on the same connection before the Retry-After it was given is
-not answered at once: its next answer waits out the rest of that Retry-After, and is a
+A client that comes back on the same connection before the Retry-After it was given
+is not answered at once: its next answer waits out the rest of that Retry-After, and is a
 200 only if the server can still answer within TIMEOUT of the request's arrival. A polite
 client, which waits, is never held; an impolite one is paced to one refusal per
-Retry-After per connection, instead of as many as the event loop can write.
+Retry-After per connection, instead of as many as the event loop can write. Under our
+protocol the held connection does not even read until then (``api/protocol.py``).
 """
 
 import asyncio
@@ -23,10 +24,9 @@ import json
 import logging
 
 from starlette.datastructures import State
-from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import error_response
+from api.errors import ErrorAnswer, as_response, error_answer
 from api.limits import refuse
 from api.metrics import REQUEST_SECONDS, REQUESTS
 from batching import QueueFull
@@ -62,7 +62,7 @@ class Door:
             and getattr(self.state, "engine", None) is not None
         )
 
-    def judge(self, scope: Scope, arrived_at: float) -> Response | None:
+    def judge(self, scope: Scope, arrived_at: float) -> ErrorAnswer | None:
         """The refusal for a request that arrived at ``arrived_at`` (the loop's clock), or
         None when it is admitted; its route then counts TIMEOUT from that arrival."""
         engine = self.state.engine
@@ -72,7 +72,7 @@ class Door:
             engine.services[self.routes[scope["path"]]].admit(arrived_at)
         except (NotReady, QueueFull) as exc:
             self._count(scope["path"], asyncio.get_running_loop().time() - arrived_at)
-            return error_response(exc)
+            return error_answer(exc)
         scope.setdefault("state", {})["arrived_at"] = arrived_at
         return None
 
@@ -94,8 +94,8 @@ class Door:
         )
 
 
-def retry_after(response: Response) -> float:
-    return float(response.headers["retry-after"])
+def retry_after(refusal: ErrorAnswer) -> float:
+    return float(refusal.headers["Retry-After"])
 
 
 class EarlyAdmission:
@@ -129,7 +129,7 @@ class EarlyAdmission:
             return
         if key is not None:
             self._remember(key, loop.time() + retry_after(refusal))
-        await refuse(scope, receive, send, refusal)
+        await refuse(scope, receive, send, as_response(refusal))
 
     def _remember(self, key: tuple[str, int], until: float) -> None:
         refused = self._refused_until

@@ -1,6 +1,8 @@
 """The one place where errors become HTTP status codes."""
 
+import json
 import re
+from typing import NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -51,14 +53,32 @@ def describe(exc: BaseException) -> dict[str, int | str]:
     return {"status": 500, "detail": f"internal error: {type(exc).__name__}; see the server log"}
 
 
-def error_response(exc: Exception) -> JSONResponse:
+class ErrorAnswer(NamedTuple):
+    """The answer for an error, before it becomes any server's response object."""
+
+    status: int
+    headers: dict[str, str]  # besides Content-Type (JSON) and Content-Length
+    body: bytes  # {"detail": ...}
+
+
+def error_answer(exc: Exception) -> ErrorAnswer:
     """The JSON answer for ``exc``, with Retry-After on a 503."""
-    body = describe(exc)
-    status = int(body["status"])
-    headers = None
+    described = describe(exc)
+    status = int(described["status"])
+    headers = {}
     if status == 503:
-        headers = {"Retry-After": str(getattr(exc, "retry_after", RETRY_AFTER_S))}
-    return JSONResponse({"detail": body["detail"]}, status, headers=headers)
+        headers["Retry-After"] = str(getattr(exc, "retry_after", RETRY_AFTER_S))
+    # As Starlette's JSONResponse renders it.
+    body = json.dumps({"detail": described["detail"]}, ensure_ascii=False, separators=(",", ":"))
+    return ErrorAnswer(status, headers, body.encode())
+
+
+def as_response(answer: ErrorAnswer) -> Response:
+    return Response(answer.body, answer.status, answer.headers, media_type="application/json")
+
+
+def error_response(exc: Exception) -> Response:
+    return as_response(error_answer(exc))
 
 
 async def _handle(request: Request, exc: Exception) -> Response:

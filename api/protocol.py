@@ -4,8 +4,14 @@ A refusal through the ASGI app costs a task, the ASGI cycle's messages and a res
 object's trip through uvicorn's header checks. Here the door judges a task request the
 moment its headers are parsed, in the protocol's own callback, and writes a refusal
 straight to the socket; only admitted requests (and every other route) become ASGI tasks.
-A connection refused here is remembered on the protocol object, one per connection, so a
-client that comes back before its Retry-After is held by a timer instead of a task.
+
+A connection refused here is parked: it stops reading until the Retry-After it was given
+is over, so what an impolite client sends meanwhile waits in the kernel (and TCP slows
+the client down once the buffer is full). Then the waiting request is judged from its
+head alone; when the door refuses it again, its body is dropped in the kernel without
+being copied, parsed or handed to Python, and the connection parks again. Under a retry
+storm most refusals take this path. Whatever else waits (a request the door admits or
+does not judge, an unusual head) is read the normal way, as if the transport had read it.
 
     uvicorn.run(app, http=AdmissionProtocol)           (main.run does this)
     UvicornWorker.CONFIG_KWARGS["http"] = AdmissionProtocol  (worker.py does this)
@@ -15,9 +21,12 @@ work later in the request.
 """
 
 import asyncio
+import os
+import socket
+import urllib.parse
 from typing import Any, cast
 
-from starlette.responses import Response
+import httptools
 from starlette.types import Scope
 from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import (
@@ -27,6 +36,12 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from api.admission import Door, retry_after
+from api.errors import ErrorAnswer
+
+# How much of a waiting request the parked path reads to judge it: its head must fit.
+PEEK_BYTES = 8192
+# recv flags, as a plain int (or-ing the enums costs more than the call).
+_DROP = int(socket.MSG_TRUNC | socket.MSG_DONTWAIT)
 
 
 def find_door(app: object) -> Door | None:
@@ -44,6 +59,30 @@ def scope_of(cycle: RequestResponseCycle) -> Scope:
     return cast(Scope, cycle.scope)  # uvicorn's TypedDict, as the plain mapping it is
 
 
+class RequestHead:
+    """httptools callbacks that keep what the door needs from one request's head (and
+    nothing of its body)."""
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.repeated = False  # a header given twice: left to the full parser
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        if not self.complete:
+            self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.complete:
+            name = name.lower()
+            self.repeated |= name in self.headers
+            self.headers[name] = value
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
 class AdmissionProtocol(HttpToolsProtocol):
     """Judges POSTs to task routes before they become ASGI tasks."""
 
@@ -53,12 +92,33 @@ class AdmissionProtocol(HttpToolsProtocol):
         self._held_until = 0.0  # loop time this connection's last Retry-After ends
         self._held: tuple[RequestResponseCycle, ASGI3Application, float] | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
+        # Parked: reading paused after a refusal until its Retry-After ends.
+        self._park_after: RequestResponseCycle | None = None
+        self._park_timer: asyncio.TimerHandle | None = None
+        self._parked_since: float | None = None
+        self._waiting_since: float | None = None  # for the first request read after
+        self._discard = 0  # bytes of a refused request's body still to drop
+        self._sock: socket.socket | None = None
+        self._parkable = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # What waits in the socket is read past the transport only on plain TCP: not
+        # under TLS, whose bytes the transport decrypts, nor on a Unix socket.
+        raw = transport.get_extra_info("socket")
+        self._parkable = (
+            self.scheme == "http"
+            and raw is not None
+            and raw.family in (socket.AF_INET, socket.AF_INET6)
+        )
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         # A connection that closes after this request (HTTP/1.0, Connection: close) goes
         # the ASGI way, which reads the body before refusing: a client that writes all of
         # it before reading the answer would otherwise see a reset.
         door = self.door
+        now = self.loop.time()
+        arrived_at, self._waiting_since = self._waiting_since or now, None
         if (
             door is None
             or app is not self.app
@@ -67,15 +127,14 @@ class AdmissionProtocol(HttpToolsProtocol):
         ):
             super()._start_asgi_task(cycle, app)
             return
-        now = self.loop.time()
         if self._held_until > now:  # back before its Retry-After was over
-            # Its body waits in the socket until it is judged: read now, it would be
-            # copied into the cycle only to be dropped if refused.
+            # Pipelined behind a refused request (or on a connection that cannot park):
+            # held by a timer, with reading paused.
             self.flow.pause_reading()
-            self._held = (cycle, app, now)
+            self._held = (cycle, app, arrived_at)
             self._hold_timer = self.loop.call_later(self._held_until - now, self._judge_held)
         else:
-            self._judge(cycle, app, now)
+            self._judge(cycle, app, arrived_at)
 
     def _judge_held(self) -> None:
         assert self._held is not None
@@ -91,23 +150,193 @@ class AdmissionProtocol(HttpToolsProtocol):
             super()._start_asgi_task(cycle, app)
             return
         self._held_until = self.loop.time() + retry_after(refusal)
-        self._answer(cycle, refusal)
-
-    def _answer(self, cycle: RequestResponseCycle, response: Response) -> None:
-        """Writes ``response`` (whole, with its Content-Length) and ends the cycle as
-        uvicorn's own last send does. The unread body is dropped as it arrives."""
-        head = [STATUS_LINE[response.status_code]]
-        for name, value in [*self.server_state.default_headers, *response.raw_headers]:
-            head += [name, b": ", value, b"\r\n"]
-        if not cycle.keep_alive:
-            head.append(b"connection: close\r\n")
-        head += [b"\r\n", bytes(response.body)]
         cycle.response_started = cycle.response_complete = True
-        self.transport.write(b"".join(head))
+        self.transport.write(self._render(refusal, cycle.keep_alive))
         cycle.message_event.set()
         if not cycle.keep_alive:
             self.transport.close()
+        elif self._parkable:
+            self._park_after = cycle  # once its body is read
         cycle.on_response()
+
+    def _render(self, answer: ErrorAnswer, keep_alive: bool) -> bytes:
+        """``answer`` as the bytes of a whole response, server headers included."""
+        head = [STATUS_LINE[answer.status]]
+        for raw_name, raw_value in self.server_state.default_headers:
+            head += [raw_name, b": ", raw_value, b"\r\n"]
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(answer.body))
+        for name, value in answer.headers.items():
+            head += [name.lower().encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"]
+        if not keep_alive:
+            head.append(b"connection: close\r\n")
+        head += [b"\r\n", answer.body]
+        return b"".join(head)
+
+    # Parking (see the module's docstring).
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._park_after is not None and self._park_after is self.cycle:
+            self._park_after = None
+            self._park()
+
+    def on_message_begin(self) -> None:
+        # A request pipelined behind the refused one was read with it: it goes the
+        # normal way (held in _start_asgi_task), and the connection does not park.
+        self._park_after = None
+        if self._park_timer is not None:
+            self._unpark(resume=True)
+        super().on_message_begin()
+
+    def _park(self) -> None:
+        self.flow.pause_reading()
+        self._unset_keepalive_if_required()  # parked connections do not time out
+        now = self.loop.time()
+        self._parked_since = now
+        self._park_timer = self.loop.call_later(max(0.0, self._held_until - now), self._wake)
+
+    def _unpark(self, *, resume: bool) -> None:
+        if self._park_timer is not None:
+            self._park_timer.cancel()
+            self._park_timer = None
+        if resume:
+            self.flow.resume_reading()
+
+    def _wake(self) -> None:
+        self._park_timer = None
+        try:
+            self._refuse_waiting(closing=False)
+        except Exception:  # a bug here would leave the connection unread for good
+            self.logger.exception("A parked connection failed; closing it.")
+            self.transport.close()
+
+    def _refuse_waiting(self, *, closing: bool) -> None:
+        """Judges the request waiting in the socket, if any, from its head; parks again
+        after refusing it, else reads on as usual. ``closing``: the server is shutting
+        down, and the connection closes after the refusal."""
+        since = self._parked_since or self.loop.time()
+        waiting = self._read_head()
+        if waiting is None:  # it sent nothing during the hold: an idle connection
+            if closing:
+                self.transport.close()
+            else:
+                self.flow.resume_reading()
+                self._arm_keep_alive()
+            return
+        spans = self._judge_head(waiting, since, closing) if waiting else None
+        if closing:
+            if spans is not None:
+                self._drop(spans - len(waiting))  # so that the close is not a reset
+            self.transport.close()
+        elif spans is None:
+            # Read and judged the normal way, as waiting since the hold began: it came
+            # back early, and its wait counts against its TIMEOUT.
+            self._waiting_since = since
+            self.flow.resume_reading()
+            self.data_received(waiting)  # what the transport would have read
+        else:
+            self.server_state.total_requests += 1
+            self._discard = self._drop(spans - len(waiting))
+            if self._discard:
+                # The rest of its body is dropped as it arrives, within the keep-alive
+                # timeout.
+                self.flow.resume_reading()
+                self._arm_keep_alive()
+            elif spans < len(waiting):  # the next request came with it
+                self.flow.resume_reading()
+                self.data_received(waiting[spans:])
+            else:
+                self._park()
+
+    def _arm_keep_alive(self) -> None:
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+    def _read_head(self) -> bytes | None:
+        """The start of what waits in the socket (its head, if it is a request with a
+        head of ordinary size); b"" at its end; None when nothing does."""
+        try:
+            return self._socket().recv(PEEK_BYTES, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    def _drop(self, count: int) -> int:
+        """Drops up to ``count`` waiting bytes in the kernel, uncopied; how many are still
+        to come."""
+        if count <= 0:
+            return 0
+        sock = self._socket()
+        try:
+            while count:
+                dropped = len(sock.recv(count, _DROP))
+                if not dropped:
+                    break
+                count -= dropped
+        except OSError:
+            pass
+        return count
+
+    def _socket(self) -> socket.socket:
+        """The connection's socket, for reads the transport does not make: a duplicate
+        of its descriptor, closed with the connection (closing it closes nothing else)."""
+        if self._sock is None:
+            fileno = self.transport.get_extra_info("socket").fileno()
+            self._sock = socket.socket(fileno=os.dup(fileno))
+        return self._sock
+
+    def _judge_head(self, waiting: bytes, arrived_at: float, closing: bool) -> int | None:
+        """Writes the door's refusal for the request whose head starts ``waiting`` and
+        returns how many bytes it spans, head and body; None when it is to be read the
+        normal way, from ``waiting`` on."""
+        end = waiting.find(b"\r\n\r\n")
+        if end < 0 or self.door is None:
+            return None
+        head = RequestHead()
+        parser = httptools.HttpRequestParser(head)
+        try:
+            parser.feed_data(waiting[: end + 4])
+            path = httptools.parse_url(head.url).path.decode("ascii")
+        except (httptools.HttpParserError, UnicodeDecodeError):
+            return None  # the normal way answers it 400
+        headers = head.headers
+        length = headers.get(b"content-length", b"")
+        if (
+            not head.complete
+            or head.repeated
+            or not length.isdigit()
+            or b"transfer-encoding" in headers
+            or b"expect" in headers
+            or b"upgrade" in headers
+            or parser.get_http_version() != "1.1"
+            or not parser.should_keep_alive()
+        ):
+            return None
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        scope = {"method": parser.get_method().decode("ascii"), "path": self.root_path + path}
+        if not self.door.guards(scope):
+            return None
+        refusal = self.door.judge(scope, arrived_at)
+        if refusal is None:
+            return None
+        self._held_until = self.loop.time() + retry_after(refusal)
+        self.transport.write(self._render(refusal, keep_alive=not closing))
+        return end + 4 + int(length)
+
+    def data_received(self, data: bytes) -> None:
+        if self._discard:
+            dropped = min(self._discard, len(data))
+            self._discard -= dropped
+            if self._discard:
+                return
+            data = data[dropped:]
+            if not data:
+                self._park()
+                return
+        super().data_received(data)
 
     def shutdown(self) -> None:
         # A held request is judged now, on its way out, rather than when its hold ends.
@@ -116,10 +345,18 @@ class AdmissionProtocol(HttpToolsProtocol):
             assert self._held is not None
             self._held[0].keep_alive = False
             self._judge_held()
+        if self._park_timer is not None:
+            self._unpark(resume=False)
+            self._refuse_waiting(closing=True)
+            return
         super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._hold_timer is not None:
-            self._hold_timer.cancel()
-            self._held = self._hold_timer = None
+        for timer in (self._hold_timer, self._park_timer):
+            if timer is not None:
+                timer.cancel()
+        self._held = self._hold_timer = self._park_timer = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         super().connection_lost(exc)

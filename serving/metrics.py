@@ -47,10 +47,13 @@ class PrometheusObserver(BatcherObserver):
         self._batch_size = BATCH_SIZE.labels(task)
         self._queue_wait = QUEUE_WAIT_SECONDS.labels(task)
         self._inference = INFERENCE_SECONDS.labels(task)
-        for reason in ("expired", "cancelled"):
-            DROPPED.labels(reason, task)
-        for reason in ("queue_full", "would_expire", "closed"):
-            REJECTED.labels(reason, task)
+        self._dropped = {
+            reason: DROPPED.labels(reason, task) for reason in ("expired", "cancelled")
+        }
+        self._rejected = {
+            reason: REJECTED.labels(reason, task)
+            for reason in ("queue_full", "would_expire", "closed")
+        }
 
     def queue_depth(self, depth: int) -> None:
         self._depth.set(depth)
@@ -62,7 +65,7 @@ class PrometheusObserver(BatcherObserver):
             self._queue_wait.observe(wait)
 
     def dropped(self, reason: str) -> None:
-        DROPPED.labels(reason, self.task).inc()
+        self._dropped[reason].inc()
 
     def rejected(self, reason: str) -> None:
-        REJECTED.labels(reason, self.task).inc()
+        self._rejected[reason].inc()

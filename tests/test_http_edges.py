@@ -241,13 +241,13 @@ class Spy:
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Spy) -> AsyncIterator[str]:
+async def serve(
+    app: Spy, protocol: type[AdmissionProtocol] = AdmissionProtocol
+) -> AsyncIterator[str]:
     """``app`` behind uvicorn, with the protocol main.run and the worker use, on a free
     port; yields its base URL once the models are warm."""
     port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, http=AdmissionProtocol, log_level="warning"
-    )
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_level="warning")
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     deadline = time.monotonic() + 60
@@ -291,6 +291,87 @@ async def test_the_server_refuses_and_paces_before_the_app_is_called() -> None:
             closing = await other.post("/square", json={"x": 2}, headers={"Connection": "close"})
             assert closing.status_code == 503
     assert spy.paths == ["/health/live", "/square"]
+
+
+def post(body: bytes) -> bytes:
+    head = "POST /square HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+GET_LIVE = b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
+async def answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], float]:
+    """The next response on a connection: status, headers, and when it came."""
+    status = int((await reader.readline()).split()[1])
+    headers = {}
+    while (line := await reader.readline()) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        headers[name.lower()] = value.strip()
+    await reader.readexactly(int(headers["content-length"]))
+    return status, headers, time.perf_counter()
+
+
+class Counting(AdmissionProtocol):
+    """Counts the bytes the event loop hands to the protocol, on every connection."""
+
+    received = 0
+
+    def data_received(self, data: bytes) -> None:
+        Counting.received += len(data)
+        super().data_received(data)
+
+
+def padded(size: int) -> bytes:
+    """A JSON body of ``size`` bytes."""
+    return b'{"x": 2, "pad": "' + b"a" * (size - 18) + b'"}'
+
+
+async def test_a_client_back_before_retry_after_is_refused_without_reading_its_body() -> None:
+    spy = Spy(create_app(Settings(tasks="tests.test_tasks_e2e:Square", timeout=1e-6)))
+    async with serve(spy, Counting) as url:
+        reader, writer = await asyncio.open_connection(*url.removeprefix("http://").split(":"))
+        writer.write(post(b'{"x": 2}'))
+        status, headers, refused_at = await answer(reader)
+        assert status == 503
+        retry_after = float(headers["retry-after"])
+        before = Counting.received
+        # Back at once with a large body: answered once the Retry-After is over, from
+        # the request's head; its body is dropped in the kernel, never read.
+        big = padded(100_000)
+        writer.write(post(big))
+        status, _, again_at = await answer(reader)
+        assert status == 503
+        assert again_at - refused_at > 0.8 * retry_after
+        assert Counting.received - before < len(big) / 2
+        # Half a body, then the refusal, then the other half: the rest is dropped as it
+        # arrives, and the connection reads the next request from its first byte.
+        writer.write(post(big)[: len(big) // 2])
+        status, _, _ = await answer(reader)
+        assert status == 503
+        writer.write(post(big)[len(big) // 2 :] + GET_LIVE)
+        status, _, _ = await answer(reader)
+        assert status == 200
+        # Two requests in one write: both answered in order, the second paced as well.
+        writer.write(post(b'{"x": 2}') * 2 + GET_LIVE)
+        assert [(await answer(reader))[0] for _ in range(3)] == [503, 503, 200]
+        writer.close()
+    assert spy.paths == ["/health/live", "/health/live"]
+
+
+async def test_a_request_waiting_out_its_retry_after_at_shutdown_is_answered() -> None:
+    spy = Spy(create_app(Settings(tasks="tests.test_tasks_e2e:Square", timeout=1e-6)))
+    async with serve(spy) as url:
+        reader, writer = await asyncio.open_connection(*url.removeprefix("http://").split(":"))
+        writer.write(post(b'{"x": 2}'))
+        assert (await answer(reader))[0] == 503
+        writer.write(post(padded(50_000)))  # back at once, and the server stops meanwhile
+        await writer.drain()
+    status, headers, _ = await answer(reader)
+    assert status == 503
+    assert headers["connection"] == "close"
+    assert await reader.read() == b""  # closed, not reset
+    writer.close()
 
 
 async def test_the_protocol_hands_admitted_requests_to_the_app() -> None:
