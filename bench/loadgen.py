@@ -9,16 +9,22 @@
 
     python bench/loadgen.py --port 5001 --concurrency 8 --duration 8 --images DIR
 
-Prints JSON: statuses, latencies of the measured window, and the generator's own CPU use.
+Prints JSON: statuses, latencies of the measured window, and the generator's own CPU use;
+with ``--server-pid``, also the server's CPU time over the window and the statuses of the
+answers that came in it (to put the two side by side).
 Kept to raw asyncio streams so that the client costs little CPU on a shared machine.
 """
 
 import argparse
 import asyncio
 import json
+import os
 import resource
 import time
+from collections import Counter
 from pathlib import Path
+
+import uvloop
 
 BOUNDARY = "bench-boundary-7d1f"
 
@@ -58,16 +64,35 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool, float]
     return status, close, retry_after
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Record:
+    """The measured window [measure_from, stop_at) on the loop's clock: the status and
+    latency of each request sent in it, and the statuses of the answers that came in it."""
+
+    def __init__(self, measure_from: float, stop_at: float) -> None:
+        self.measure_from = measure_from
+        self.stop_at = stop_at
+        self.samples: list[tuple[int, float]] = []
+        self.answered: Counter[int] = Counter()
+
+    def add(self, status: int, started: float) -> None:
+        now = asyncio.get_running_loop().time()
+        if started >= self.measure_from:
+            self.samples.append((status, now - started))
+        if self.measure_from <= now < self.stop_at:
+            self.answered[status] += 1
+
+
 async def connection(
-    port: int,
-    requests: list[bytes],
-    offset: int,
-    measure_from: float,
-    stop_at: float,
-    samples: list[tuple[int, float]],
-    polite: bool = True,
+    port: int, requests: list[bytes], offset: int, record: Record, polite: bool = True
 ) -> None:
     loop = asyncio.get_running_loop()
+    stop_at = record.stop_at
     writer = None
     sent = offset
     while loop.time() < stop_at:
@@ -81,8 +106,7 @@ async def connection(
             status, close, retry_after = await asyncio.wait_for(read_response(reader), 60)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             status, close, retry_after = 0, True, 0.0
-        if started >= measure_from:
-            samples.append((status, loop.time() - started))
+        record.add(status, started)
         retry_after = retry_after if polite else 0.0
         if close or retry_after:
             # The server's keep-alive timeout may end an idle connection while we wait,
@@ -96,15 +120,8 @@ async def connection(
         writer.close()
 
 
-async def open_loop(
-    port: int,
-    requests: list[bytes],
-    rate: float,
-    measure_from: float,
-    stop_at: float,
-    samples: list[tuple[int, float]],
-) -> None:
-    """Sends ``rate`` requests per second until ``stop_at``, whatever the answers."""
+async def open_loop(port: int, requests: list[bytes], rate: float, record: Record) -> None:
+    """Sends ``rate`` requests per second until the window ends, whatever the answers."""
     loop = asyncio.get_running_loop()
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     pending: set[asyncio.Task[None]] = set()
@@ -115,16 +132,14 @@ async def open_loop(
                 idle.pop() if idle else await asyncio.open_connection("127.0.0.1", port)
             )
         except OSError:
-            if planned >= measure_from:
-                samples.append((0, loop.time() - planned))
+            record.add(0, planned)
             return
         writer.write(request)
         try:
             status, close, _ = await asyncio.wait_for(read_response(reader), 60)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             status, close = 0, True
-        if planned >= measure_from:
-            samples.append((status, loop.time() - planned))
+        record.add(status, planned)
         if close:
             writer.close()
         else:
@@ -132,7 +147,7 @@ async def open_loop(
 
     planned = loop.time()
     sent = 0
-    while planned < stop_at:
+    while planned < record.stop_at:
         await asyncio.sleep(max(0.0, planned - loop.time()))
         task = asyncio.create_task(one(requests[sent % len(requests)], planned))
         pending.add(task)
@@ -146,31 +161,35 @@ async def open_loop(
 
 async def run(args: argparse.Namespace, requests: list[bytes]) -> dict[str, object]:
     loop = asyncio.get_running_loop()
-    measure_from = loop.time() + args.warmup
-    stop_at = measure_from + args.duration
-    samples: list[tuple[int, float]] = []
+    record = Record(loop.time() + args.warmup, loop.time() + args.warmup + args.duration)
+    server_cpu: list[float] = []
+    if args.server_pid:
+        for at in (record.measure_from, record.stop_at):
+            loop.call_at(at, lambda: server_cpu.append(cpu_seconds(args.server_pid)))
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
     if args.rate:
-        await open_loop(args.port, requests, args.rate, measure_from, stop_at, samples)
+        await open_loop(args.port, requests, args.rate, record)
     else:
         await asyncio.gather(
             *(
-                connection(
-                    args.port, requests, i * 7, measure_from, stop_at, samples, not args.impolite
-                )
+                connection(args.port, requests, i * 7, record, not args.impolite)
                 for i in range(args.concurrency)
             )
         )
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
-    wall = loop.time() - (measure_from - args.warmup)
-    return {
+    wall = loop.time() - (record.measure_from - args.warmup)
+    result: dict[str, object] = {
         "concurrency": args.concurrency,
         "duration_s": args.duration,
-        "statuses": [s for s, _ in samples],
-        "latencies_s": [round(t, 6) for _, t in samples],
+        "statuses": [s for s, _ in record.samples],
+        "latencies_s": [round(t, 6) for _, t in record.samples],
         "loadgen_cpu_percent": round(100 * cpu / wall, 1),
     }
+    if len(server_cpu) == 2:
+        result["server_cpu_in_window_s"] = round(server_cpu[1] - server_cpu[0], 3)
+        result["answered_in_window"] = {str(k): v for k, v in sorted(record.answered.items())}
+    return result
 
 
 def main() -> None:
@@ -183,13 +202,14 @@ def main() -> None:
     parser.add_argument("--images", required=True)
     parser.add_argument("--impolite", action="store_true", help="retry a 503 at once")
     parser.add_argument("--rate", type=float, default=0, help="open loop: requests per second")
+    parser.add_argument("--server-pid", type=int, help="measure this process's CPU time")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # open loop: many connections
     images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".jpg", ".jpeg"})
     requests = [build_request(args.path, args.port, p.read_bytes(), p.name) for p in images]
     started = time.perf_counter()
-    result = asyncio.run(run(args, requests))
+    result = uvloop.run(run(args, requests))
     result["wall_s"] = round(time.perf_counter() - started, 2)
     print(json.dumps(result))
 

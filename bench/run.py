@@ -229,6 +229,7 @@ def load(port: int, concurrency: int, duration: float, images: Path, *extra: str
         "p95_ms": percentile(ok, 95),
         "p99_ms": percentile(ok, 99),
         "loadgen_cpu_percent": raw["loadgen_cpu_percent"],
+        **{key: raw[key] for key in ("server_cpu_in_window_s", "answered_in_window") if key in raw},
     }
 
 
