@@ -39,7 +39,7 @@ from api.admission import Door, retry_after
 from api.errors import ErrorAnswer
 
 # How much of a waiting request the parked path reads to judge it: its head must fit.
-PEEK_BYTES = 8192
+HEAD_BYTES = 8192
 # recv flags, as a plain int (or-ing the enums costs more than the call).
 _DROP = int(socket.MSG_TRUNC | socket.MSG_DONTWAIT)
 
@@ -257,7 +257,7 @@ class AdmissionProtocol(HttpToolsProtocol):
         """The start of what waits in the socket (its head, if it is a request with a
         head of ordinary size); b"" at its end; None when nothing does."""
         try:
-            return self._socket().recv(PEEK_BYTES, socket.MSG_DONTWAIT)
+            return self._socket().recv(HEAD_BYTES, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return None
         except OSError:
