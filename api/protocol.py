@@ -149,15 +149,19 @@ class AdmissionProtocol(HttpToolsProtocol):
         if refusal is None:
             super()._start_asgi_task(cycle, app)
             return
-        self._held_until = self.loop.time() + retry_after(refusal)
         cycle.response_started = cycle.response_complete = True
-        self.transport.write(self._render(refusal, cycle.keep_alive))
+        self._refuse(refusal, cycle.keep_alive)
         cycle.message_event.set()
         if not cycle.keep_alive:
             self.transport.close()
         elif self._parkable:
             self._park_after = cycle  # once its body is read
         cycle.on_response()
+
+    def _refuse(self, refusal: ErrorAnswer, keep_alive: bool) -> None:
+        """Writes ``refusal``; this connection is held until its Retry-After ends."""
+        self._held_until = self.loop.time() + retry_after(refusal)
+        self.transport.write(self._render(refusal, keep_alive))
 
     def _render(self, answer: ErrorAnswer, keep_alive: bool) -> bytes:
         """``answer`` as the bytes of a whole response, server headers included."""
@@ -322,8 +326,7 @@ class AdmissionProtocol(HttpToolsProtocol):
         refusal = self.door.judge(scope, arrived_at)
         if refusal is None:
             return None
-        self._held_until = self.loop.time() + retry_after(refusal)
-        self.transport.write(self._render(refusal, keep_alive=not closing))
+        self._refuse(refusal, keep_alive=not closing)
         return end + 4 + int(length)
 
     def data_received(self, data: bytes) -> None:

@@ -25,23 +25,19 @@ class Admission:
         self.enabled = enabled
         self._seconds_per_item = RunningMean()
         self._seconds_per_batch = RunningMean()
-        self._last: tuple[float, float] | None = None  # the last batch: per item, in all
+        self._last_per_item: float | None = None
+        self._last_batch: float | None = None
 
     @property
     def seconds_per_item(self) -> float | None:
         """The recent mean, or the last batch's pace when that was slower: a slowdown
         (a busier host) counts from its first batch, a speed-up only as it lasts."""
-        return self._slower(self._seconds_per_item.value, 0)
+        return _slower(self._seconds_per_item.value, self._last_per_item)
 
     @property
     def seconds_per_batch(self) -> float | None:
         """How long one batch takes, the same way: the recent mean or the last if slower."""
-        return self._slower(self._seconds_per_batch.value, 1)
-
-    def _slower(self, mean: float | None, field: int) -> float | None:
-        if mean is None or self._last is None:
-            return mean
-        return max(mean, self._last[field])
+        return _slower(self._seconds_per_batch.value, self._last_batch)
 
     def expect(self, seconds_per_item: float, batch_size: int) -> None:
         """Seeds the estimate from a measurement made before the first batch: batches of
@@ -51,8 +47,8 @@ class Admission:
             self._seconds_per_batch.add(seconds_per_item * batch_size)
 
     def batch_done(self, seconds: float, size: int) -> None:
-        self._last = (seconds / size, seconds)
-        self._seconds_per_item.add(seconds / size)
+        self._last_per_item, self._last_batch = seconds / size, seconds
+        self._seconds_per_item.add(self._last_per_item)
         self._seconds_per_batch.add(seconds)
 
     def expected_wait(self, ahead: int) -> float | None:
@@ -88,3 +84,7 @@ class Admission:
             f"{self.name} is about {wait:.2f} s behind, past this deadline",
             retry_after=max(1, math.ceil(wait)),
         )
+
+
+def _slower(mean: float | None, last: float | None) -> float | None:
+    return mean if mean is None or last is None else max(mean, last)
