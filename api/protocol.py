@@ -5,13 +5,14 @@ object's trip through uvicorn's header checks. Here the door judges a task reque
 moment its headers are parsed, in the protocol's own callback, and writes a refusal
 straight to the socket; only admitted requests (and every other route) become ASGI tasks.
 
-A connection refused here is parked: it stops reading until the Retry-After it was given
-is over, so what an impolite client sends meanwhile waits in the kernel (and TCP slows
-the client down once the buffer is full). Then the waiting request is judged from its
-head alone; when the door refuses it again, its body is dropped in the kernel without
-being copied, parsed or handed to Python, and the connection parks again. Under a retry
-storm most refusals take this path. Whatever else waits (a request the door admits or
-does not judge, an unusual head) is read the normal way, as if the transport had read it.
+A connection refused here is parked: it stops reading until its hold is over (the
+Retry-After it was given, at most a second, ending on a tenth-of-a-second grid), so what
+an impolite client sends meanwhile waits in the kernel (and TCP slows the client down
+once the buffer is full). Then the waiting request is judged from its head alone; when
+the door refuses it again, its body is dropped in the kernel without being copied,
+parsed or handed to Python, and the connection parks again. Under a retry storm most
+refusals take this path. Whatever else waits (a request the door admits or does not
+judge, an unusual head) is read the normal way, as if the transport had read it.
 
     uvicorn.run(app, http=AdmissionProtocol)           (main.run does this)
     UvicornWorker.CONFIG_KWARGS["http"] = AdmissionProtocol  (worker.py does this)
@@ -35,11 +36,15 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-from api.admission import Door, retry_after
+from api.admission import Door, hold_for
 from api.errors import ErrorAnswer
 
 # How much of a waiting request the parked path reads to judge it: its head must fit.
 HEAD_BYTES = 8192
+# Parked connections wake on this grid of the loop's clock, up to one step before their
+# hold ends: those parked around the same time are judged in one pass of the loop, where
+# waking each alone would cost a pass (and cold caches) per refusal.
+WAKE_STEP_S = 0.1
 # recv flags, as a plain int (or-ing the enums costs more than the call).
 _DROP = int(socket.MSG_TRUNC | socket.MSG_DONTWAIT)
 
@@ -89,10 +94,10 @@ class AdmissionProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.door = find_door(self.app)
-        self._held_until = 0.0  # loop time this connection's last Retry-After ends
+        self._held_until = 0.0  # loop time the hold of its last refusal ends
         self._held: tuple[RequestResponseCycle, ASGI3Application, float] | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
-        # Parked: reading paused after a refusal until its Retry-After ends.
+        # Parked: reading paused after a refusal until its hold ends.
         self._park_after: RequestResponseCycle | None = None
         self._park_timer: asyncio.TimerHandle | None = None
         self._parked_since: float | None = None
@@ -127,7 +132,7 @@ class AdmissionProtocol(HttpToolsProtocol):
         ):
             super()._start_asgi_task(cycle, app)
             return
-        if self._held_until > now:  # back before its Retry-After was over
+        if self._held_until > now:  # back before its hold was over
             # Pipelined behind a refused request (or on a connection that cannot park):
             # held by a timer, with reading paused.
             self.flow.pause_reading()
@@ -159,8 +164,8 @@ class AdmissionProtocol(HttpToolsProtocol):
         cycle.on_response()
 
     def _refuse(self, refusal: ErrorAnswer, keep_alive: bool) -> None:
-        """Writes ``refusal``; this connection is held until its Retry-After ends."""
-        self._held_until = self.loop.time() + retry_after(refusal)
+        """Writes ``refusal``; this connection is held until its hold ends."""
+        self._held_until = self.loop.time() + hold_for(refusal)
         self.transport.write(self._render(refusal, keep_alive))
 
     def _render(self, answer: ErrorAnswer, keep_alive: bool) -> bytes:
@@ -197,7 +202,8 @@ class AdmissionProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()  # parked connections do not time out
         now = self.loop.time()
         self._parked_since = now
-        self._park_timer = self.loop.call_later(max(0.0, self._held_until - now), self._wake)
+        wake_at = self._held_until // WAKE_STEP_S * WAKE_STEP_S
+        self._park_timer = self.loop.call_at(max(wake_at, now), self._wake)
 
     def _unpark(self, *, resume: bool) -> None:
         if self._park_timer is not None:
@@ -208,6 +214,7 @@ class AdmissionProtocol(HttpToolsProtocol):
 
     def _wake(self) -> None:
         self._park_timer = None
+        self._held_until = min(self._held_until, self.loop.time())  # its hold ends now
         try:
             self._refuse_waiting(closing=False)
         except Exception:  # a bug here would leave the connection unread for good

@@ -16,10 +16,11 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from api.json_pieces import loads_in_pieces
-from api.protocol import AdmissionProtocol
+from api.protocol import WAKE_STEP_S, AdmissionProtocol
 from harness.server import free_port
 from main import create_app
 from settings import Settings
+from tests.test_tasks_e2e import Square
 
 pytestmark = pytest.mark.anyio
 
@@ -357,6 +358,54 @@ async def test_a_client_back_before_retry_after_is_refused_without_reading_its_b
         assert [(await answer(reader))[0] for _ in range(3)] == [503, 503, 200]
         writer.close()
     assert spy.paths == ["/health/live", "/health/live"]
+
+
+class Backlogged(Square):
+    """Square, with a warm-up that reports 1.5 s per batch of one: with TIMEOUT=1, every
+    request is refused, with a Retry-After of 2 s."""
+
+    def warm_up(self, max_batch_size: int, tune: bool) -> dict[str, float]:
+        return {"seconds_per_item": 1.5}
+
+
+async def test_a_refused_connection_is_held_a_second_at_most_whatever_its_retry_after() -> None:
+    settings = Settings(tasks="tests.test_http_edges:Backlogged", timeout=1.0, max_batch_size=1)
+    async with serve(Spy(create_app(settings))) as url:
+        reader, writer = await asyncio.open_connection(*url.removeprefix("http://").split(":"))
+        writer.write(post(b'{"x": 2}'))
+        status, headers, refused_at = await answer(reader)
+        assert status == 503
+        assert float(headers["retry-after"]) >= 2
+        writer.write(post(b'{"x": 2}'))  # back at once
+        status, _, again_at = await answer(reader)
+        assert status == 503
+        assert 0.8 < again_at - refused_at < 1.5
+        writer.close()
+
+
+async def test_connections_whose_holds_end_close_together_are_answered_together() -> None:
+    spy = Spy(create_app(Settings(tasks="tests.test_tasks_e2e:Square", timeout=1e-6)))
+    async with serve(spy) as url:
+        host, port = url.removeprefix("http://").split(":")
+        connections = [await asyncio.open_connection(host, port) for _ in range(3)]
+        # Just past a step of the wake grid (the server runs on this loop), so that the
+        # three holds, 20 ms apart, end within one step.
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(WAKE_STEP_S - loop.time() % WAKE_STEP_S + 0.005)
+        refused = []
+        for reader, writer in connections:
+            writer.write(post(b'{"x": 2}'))
+            refused.append((await answer(reader))[2])
+            writer.write(post(b'{"x": 2}'))  # back at once
+            await asyncio.sleep(0.02)
+        answered = [await answer(reader) for reader, _ in connections]
+        assert [status for status, _, _ in answered] == [503] * 3
+        times = [at for _, _, at in answered]
+        assert refused[-1] - refused[0] > 0.035
+        assert max(times) - min(times) < 0.02  # woken in one pass of the loop
+        assert min(times) - refused[0] > 0.8
+        for _, writer in connections:
+            writer.close()
 
 
 async def test_a_request_waiting_out_its_retry_after_at_shutdown_is_answered() -> None:
