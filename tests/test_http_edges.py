@@ -439,3 +439,16 @@ async def test_what_lives_as_long_as_the_process_is_kept_out_of_garbage_collecti
     assert gc.get_freeze_count() > 0
     async with client_of(app) as client:
         assert (await client.post("/square", json={"x": 3})).status_code == 200
+
+
+async def test_requests_set_off_few_garbage_collections(app: FastAPI) -> None:
+    # What a request allocates goes when it ends, by reference counting: collections
+    # under load walked the live connections' objects for nothing. With Python's
+    # defaults these 200 requests set off about 70 young collections and 6 middle ones.
+    before = [generation["collections"] for generation in gc.get_stats()]
+    async with client_of(app) as client:
+        answers = await asyncio.gather(*(client.post("/square", json={"x": 3}) for _ in range(200)))
+    assert {answer.status_code for answer in answers} == {200}
+    young, middle, _ = (g["collections"] - b for g, b in zip(gc.get_stats(), before, strict=True))
+    assert young <= 5
+    assert middle == 0
