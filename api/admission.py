@@ -113,7 +113,7 @@ class EarlyAdmission:
     def __init__(self, app: ASGIApp, door: Door) -> None:
         self.app = app
         self.door = door
-        # (client host, client port) of a connection -> loop time its Retry-After ends.
+        # (client host, client port) of a connection -> loop time its hold ends.
         self._refused_until: dict[tuple[str, int], float] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
