@@ -164,7 +164,8 @@ class AdmissionProtocol(HttpToolsProtocol):
         cycle.on_response()
 
     def _refuse(self, refusal: ErrorAnswer, keep_alive: bool) -> None:
-        """Writes ``refusal``; this connection is held until its hold ends."""
+        """Writes ``refusal`` and starts this connection's hold (its Retry-After, at
+        most MAX_HOLD_S)."""
         self._held_until = self.loop.time() + hold_for(refusal)
         self.transport.write(self._render(refusal, keep_alive))
 
