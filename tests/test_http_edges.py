@@ -302,6 +302,12 @@ def post(body: bytes) -> bytes:
 GET_LIVE = b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n"
 
 
+async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection to the server ``serve`` yields at ``url``."""
+    host, port = url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
 async def answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], float]:
     """The next response on a connection: status, headers, and when it came."""
     status = int((await reader.readline()).split()[1])
@@ -331,7 +337,7 @@ def padded(size: int) -> bytes:
 async def test_a_client_back_before_retry_after_is_refused_without_reading_its_body() -> None:
     spy = Spy(create_app(Settings(tasks="tests.test_tasks_e2e:Square", timeout=1e-6)))
     async with serve(spy, Counting) as url:
-        reader, writer = await asyncio.open_connection(*url.removeprefix("http://").split(":"))
+        reader, writer = await connect(url)
         writer.write(post(b'{"x": 2}'))
         status, headers, refused_at = await answer(reader)
         assert status == 503
@@ -371,7 +377,7 @@ class Backlogged(Square):
 async def test_a_refused_connection_is_held_a_second_at_most_whatever_its_retry_after() -> None:
     settings = Settings(tasks="tests.test_http_edges:Backlogged", timeout=1.0, max_batch_size=1)
     async with serve(Spy(create_app(settings))) as url:
-        reader, writer = await asyncio.open_connection(*url.removeprefix("http://").split(":"))
+        reader, writer = await connect(url)
         writer.write(post(b'{"x": 2}'))
         status, headers, refused_at = await answer(reader)
         assert status == 503
@@ -386,8 +392,7 @@ async def test_a_refused_connection_is_held_a_second_at_most_whatever_its_retry_
 async def test_connections_whose_holds_end_close_together_are_answered_together() -> None:
     spy = Spy(create_app(Settings(tasks="tests.test_tasks_e2e:Square", timeout=1e-6)))
     async with serve(spy) as url:
-        host, port = url.removeprefix("http://").split(":")
-        connections = [await asyncio.open_connection(host, port) for _ in range(3)]
+        connections = [await connect(url) for _ in range(3)]
         # Just past a step of the wake grid (the server runs on this loop), so that the
         # three holds, 20 ms apart, end within one step.
         loop = asyncio.get_running_loop()
@@ -411,7 +416,7 @@ async def test_connections_whose_holds_end_close_together_are_answered_together(
 async def test_a_request_waiting_out_its_retry_after_at_shutdown_is_answered() -> None:
     spy = Spy(create_app(Settings(tasks="tests.test_tasks_e2e:Square", timeout=1e-6)))
     async with serve(spy) as url:
-        reader, writer = await asyncio.open_connection(*url.removeprefix("http://").split(":"))
+        reader, writer = await connect(url)
         writer.write(post(b'{"x": 2}'))
         assert (await answer(reader))[0] == 503
         writer.write(post(padded(50_000)))  # back at once, and the server stops meanwhile
