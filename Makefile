@@ -42,7 +42,8 @@ lint: install-dev
 typecheck: install-dev
 	$(PY) -m mypy
 
-# redis-server, haproxy and chromium, which the tests start on their own (Debian packages).
+# redis-server, haproxy, chromium and qemu-user, which the tests start on their own (Debian
+# packages).
 services:
 	bash scripts/install-services.sh
 

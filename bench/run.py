@@ -34,7 +34,6 @@ import job_store_bench  # noqa: E402  (bench/, first on the path when run as a s
 
 from classification import Classifier, ClassifyInput, load_model  # noqa: E402
 from classification.backend import seconds_per_batch  # noqa: E402
-from classification.quantize import cpu_has_vnni  # noqa: E402
 from harness import calibration  # noqa: E402
 from harness.server import Server, free_port, stop, wait_ready  # noqa: E402
 from settings import Settings  # noqa: E402
@@ -114,7 +113,8 @@ def offline(images: list[Path]) -> tuple[dict[str, Any], Callable[[], float]]:
 
 def default_backend() -> str:
     """The offline backend that matches our server with default settings."""
-    return "onnxruntime int8" if cpu_has_vnni() else "onnxruntime"
+    auto = Classifier(load_model("efficientnet_lite0"), backend="onnxruntime", precision="auto")
+    return "onnxruntime int8" if auto.precision == "int8" else "onnxruntime"
 
 
 def agreement(float32: Classifier, int8: Classifier, images: list[Path]) -> dict[str, Any]:

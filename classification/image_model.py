@@ -22,22 +22,27 @@ from classification.onnx_backend import (
     exported_model,
 )
 from classification.quantize import (
+    Int8Recipe,
     QuantizationUnavailable,
     Ranges,
     committed_ranges,
-    cpu_has_vnni,
     folder_ranges,
+    int8_recipe,
     quantized_model,
     read_ranges,
 )
 from serving.task import resolve_device
-from serving.warmup import tune_batch_size
+from serving.warmup import time_batches, tune_batch_size
 
 logger = logging.getLogger(__name__)
 
 
 class BackendMismatch(Exception):
     """The ONNX model's outputs differ from PyTorch's on the sample image."""
+
+
+class Int8NotFaster(Exception):
+    """The int8 model does not run enough faster than float32 to be worth its error."""
 
 
 _SAMPLE_IMAGE = Path(__file__).parent / "data" / "sample.jpg"
@@ -49,6 +54,11 @@ _CHECK_PHOTOS = [
     Path(__file__).parent / "data" / name for name in ("sample.jpg", "coffee.jpg", "rocket.jpg")
 ]
 INT8_TOLERANCE = 0.1
+# PRECISION=auto serves int8 only when the model alone runs at least this much faster
+# than float32 at INT8_TIMING_BATCH: decoding costs the same in both, so the whole server
+# gains less than the model.
+INT8_MIN_SPEEDUP = 1.3
+INT8_TIMING_BATCH = 8
 
 
 class ImageModel:
@@ -74,8 +84,10 @@ class ImageModel:
 
         ``precision`` (float32, int8 or auto) applies to ONNX Runtime: int8 quantises the
         export with the committed ranges of the default model or with ranges measured on
-        ``calibration_dir``; auto does so on a CPU with VNNI. int8 falls back to float32,
-        with one warning, when it disagrees with float32 on the check photos.
+        ``calibration_dir``, in the recipe this CPU computes exactly (``int8_recipe``).
+        int8 falls back to float32, with one warning, when it disagrees with float32 on
+        the check photos; auto also keeps float32 when int8 is not INT8_MIN_SPEEDUP
+        times as fast.
         """
         self.model = model
         self.preprocess = model.preprocess
@@ -93,6 +105,8 @@ class ImageModel:
         self.fallback_reason: str | None = None
         self.precision = "float32"
         self.precision_reason = f"PRECISION={precision}"
+        self.int8_recipe: Int8Recipe | None = None
+        self.int8_speedup: float | None = None
         if backend == "auto":
             backend = "torch" if torch_device.type == "cuda" else "onnxruntime"
         if precision == "int8" and backend != "onnxruntime":
@@ -135,14 +149,10 @@ class ImageModel:
 
     def _try_int8(self, precision: str, calibration_dir: Path | None, cache_dir: Path) -> None:
         """Replaces the float32 ONNX backend by its int8 form when ``precision`` asks
-        for it and the int8 model agrees with float32 on the check photos."""
+        for it, the int8 model agrees with float32 on the check photos and, for auto,
+        runs at least INT8_MIN_SPEEDUP times as fast."""
         float32 = self.float32_onnx()
-        if precision == "auto" and not cpu_has_vnni():
-            self._keep_float32(
-                "PRECISION=auto: this CPU has no VNNI, where int8 with uint8 activations "
-                "can saturate and lose accuracy"
-            )
-            return
+        recipe = self.int8_recipe = int8_recipe()
         try:
             ranges = self._int8_ranges(calibration_dir, cache_dir)
             if ranges is None:
@@ -155,15 +165,18 @@ class ImageModel:
                     raise ValueError(missing)
                 raise QuantizationUnavailable(missing)
             int8 = cached_backend(
-                lambda: quantized_model(float32.model_path, ranges, cache_dir),
+                lambda: quantized_model(float32.model_path, ranges, cache_dir, recipe),
                 self.preprocess,
                 float32.threads,
             )
             self._check_int8(float32, int8)
+            if precision == "auto":
+                self._check_speedup(float32, int8)
         except (
             QuantizationUnavailable,
             OnnxUnavailable,
             BackendMismatch,
+            Int8NotFaster,
             ImportError,
             OSError,
         ) as exc:
@@ -171,11 +184,26 @@ class ImageModel:
             return
         self.backend = int8
         self.precision = "int8"
-        self.precision_reason = (
-            "PRECISION=int8"
-            if precision == "int8"
-            else "PRECISION=auto: a CPU with VNNI, and int8 agrees with float32"
-        ) + f" on the check photos: {self.int8_agreement_text}"
+        self.precision_reason = f"PRECISION={precision}: int8 agrees with float32 on the " + (
+            f"check photos ({self.int8_agreement_text}) with {recipe.name} weights"
+        )
+        if self.int8_speedup is not None:
+            self.precision_reason += (
+                f" and runs {self.int8_speedup:.2f}x as fast (batch {INT8_TIMING_BATCH})"
+            )
+
+    def _check_speedup(self, float32: Backend, int8: Backend, rounds: int = 5) -> None:
+        """Raises Int8NotFaster unless int8 runs batches of INT8_TIMING_BATCH at least
+        INT8_MIN_SPEEDUP times as fast as float32 on this CPU. The two are timed in
+        turns, so that load from elsewhere slows both alike."""
+        runs = {"float32": forward_random(float32), "int8": forward_random(int8)}
+        seconds = time_batches(lambda name: runs[name](INT8_TIMING_BATCH), list(runs), rounds)
+        self.int8_speedup = round(seconds["float32"] / seconds["int8"], 2)
+        if self.int8_speedup < INT8_MIN_SPEEDUP:
+            raise Int8NotFaster(
+                f"on this CPU it runs only {self.int8_speedup:.2f}x as fast as float32 "
+                f"(batch {INT8_TIMING_BATCH}); PRECISION=auto asks for {INT8_MIN_SPEEDUP}x"
+            )
 
     def _keep_float32(self, reason: str) -> None:
         self.precision_reason = reason
@@ -205,7 +233,7 @@ class ImageModel:
             raise ValueError(str(exc)) from exc
         return self.float32_onnx().inputs(pixels[None])
 
-    def _check_photos(self) -> np.ndarray:
+    def check_photos(self) -> np.ndarray:
         """The shipped photos and their mirror images, as one batch."""
         crops = [self.prepare(path.read_bytes(), max_pixels=10**8) for path in _CHECK_PHOTOS]
         return np.stack(crops + [crop[:, ::-1] for crop in crops])
@@ -224,7 +252,7 @@ class ImageModel:
     def _check_int8(self, float32: Backend, int8: Backend) -> None:
         """Raises BackendMismatch unless ``int8_agreement`` accepts int8's outputs on the
         check photos."""
-        batch = self._check_photos()
+        batch = self.check_photos()
         good, self.int8_agreement_text = self.int8_agreement(
             float32.forward(batch), int8.forward(batch)
         )
@@ -312,6 +340,8 @@ class ImageModel:
             "backend_fallback_reason": self.fallback_reason,
             "precision": self.precision,
             "precision_reason": self.precision_reason,
+            "int8_recipe": None if self.int8_recipe is None else self.int8_recipe.name,
+            "int8_speedup": self.int8_speedup,
             "channels_last": getattr(backend, "channels_last", None),
             "input_size": self.preprocess.crop_size,
         }

@@ -1,5 +1,6 @@
 """Int8 ONNX models: activation ranges measured on calibration photos, then static QDQ
-quantisation with uint8 activations and per-channel int8 weights.
+quantisation with uint8 activations and per-channel int8 weights, in the recipe that this
+CPU's int8 kernels compute exactly (``int8_recipe``).
 
 The ranges of the default model are committed in ``data/int8_ranges/`` (see
 ``scripts/calibrate.py``), so a server quantises at startup with no photos of its own.
@@ -11,8 +12,10 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,15 +34,51 @@ class QuantizationUnavailable(Exception):
     """Int8 cannot be built for this model; the message says what to provide."""
 
 
-def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU has VNNI (AVX-512 or AVX), where ONNX Runtime's uint8-activation
-    kernels do not saturate. Elsewhere, or when /proc/cpuinfo cannot be read, False."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return bool({"avx512_vnni", "avx_vnni"} & set(flags.split()))
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How the weights are quantised, for the int8 kernels of one kind of CPU."""
+
+    name: str
+    why: str
+    # 7-bit weights wherever ONNX Runtime multiplies with vpmaddubsw, and the first
+    # convolution kept in float32: see int8_recipe.
+    seven_bit_gemm: bool
+
+
+FULL_RANGE = Int8Recipe(
+    "full-range",
+    "its int8 kernels add products in 32 bits (VNNI, AMX or Arm), so 8-bit weights are exact",
+    seven_bit_gemm=False,
+)
+SEVEN_BIT_GEMM = Int8Recipe(
+    "7-bit-gemm",
+    "an x86 CPU without VNNI, whose int8 kernels add pairs of uint8 x int8 products in "
+    "16 bits that full-range weights overflow",
+    seven_bit_gemm=True,
+)
+
+
+def int8_recipe(capabilities: Mapping[str, Any] | None = None) -> Int8Recipe:
+    """The recipe whose int8 model this CPU computes without overflow. ``capabilities`` is
+    ``torch.cpu.get_capabilities()`` (the CPU's own CPUID answers, as ONNX Runtime reads
+    them) unless given.
+
+    On x86 without VNNI (AVX2 and AVX-512 CPUs before Cascade Lake and Zen 4), ONNX
+    Runtime's uint8 x int8 kernels use vpmaddubsw, which adds two products into a
+    saturating 16-bit sum: 255 x 127 x 2 does not fit. Weights of 7 bits (at most 64)
+    always fit. Depthwise convolutions have kernels of their own that widen first, so
+    they keep 8 bits, and the first convolution, which sees the image's full range and
+    costs little, stays in float32.
+    """
+    if capabilities is None:
+        import torch
+
+        capabilities = torch.cpu.get_capabilities()
+    if not str(capabilities.get("architecture", "")).startswith("x86"):
+        return FULL_RANGE
+    if any(capabilities.get(flag) for flag in ("avx512_vnni", "avx_vnni", "amx_int8")):
+        return FULL_RANGE
+    return SEVEN_BIT_GEMM
 
 
 def committed_ranges(float_path: Path) -> Path:
@@ -177,15 +216,17 @@ def read_ranges(path: Path) -> Ranges:
         raise ValueError(f"{path} does not hold activation ranges: {exc!r}") from exc
 
 
-def quantized_model(float_path: Path, ranges: Ranges, cache_dir: Path) -> Path:
+def quantized_model(
+    float_path: Path, ranges: Ranges, cache_dir: Path, recipe: Int8Recipe = FULL_RANGE
+) -> Path:
     """The int8 form of the float32 model at ``float_path``, built on first use and
-    cached beside it, keyed by the float32 file's name and the ranges.
+    cached beside it, keyed by the float32 file's name, the recipe and the ranges.
 
     QDQ format, uint8 activations and per-channel symmetric int8 weights: the form that
     ONNX Runtime fuses completely into QLinearConv and QLinearAdd on x86.
     """
     digest = hashlib.sha256(json.dumps(ranges, sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_dir / f"{float_path.stem}-int8-{digest}.onnx"
+    path = cache_dir / f"{float_path.stem}-int8-{recipe.name}-{digest}.onnx"
     if path.is_file():
         logger.info("using the cached int8 model %s", path)
         return path
@@ -209,17 +250,22 @@ def quantized_model(float_path: Path, ranges: Ranges, cache_dir: Path) -> Path:
     except Exception as exc:  # a corrupt file in the cache: the next start makes it again
         optimised.unlink(missing_ok=True)
         raise QuantizationUnavailable(f"cannot read {optimised}: {exc}") from exc
+    kept_float, seven_bit = _recipe_nodes(model.graph, recipe)
     quantizer = QDQQuantizer(
         model,
         True,  # per-channel weights
-        False,  # full 8-bit range: VNNI does not need reduce_range
+        False,  # full 8-bit range, but for the weights in ``seven_bit``
         QuantType.QInt8,
         QuantType.QUInt8,
         tensors,
         [],  # every node ...
-        [],  # ... none excluded
+        kept_float,  # ... but these
         ["Conv", "Gemm", "Add", "Clip", "GlobalAveragePool", "Reshape", "MatMul", "Relu"],
-        {},
+        {
+            "TensorQuantOverrides": {
+                weight: [{"reduce_range": True, "axis": axis}] for weight, axis in seven_bit
+            }
+        },
     )
     try:
         quantizer.quantize_model()
@@ -232,5 +278,39 @@ def quantized_model(float_path: Path, ranges: Ranges, cache_dir: Path) -> Path:
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     quantizer.model.save_model_to_file(str(partial), False)
     partial.replace(path)
-    logger.info("quantised %s to %s", float_path.name, path)
+    logger.info("quantised %s to %s (%s weights)", float_path.name, path, recipe.name)
     return path
+
+
+def _recipe_nodes(graph: Any, recipe: Int8Recipe) -> tuple[list[str], list[tuple[str, int]]]:
+    """The nodes ``recipe`` keeps in float32, and the weights it gives 7 bits with the
+    axis of their channels."""
+    if not recipe.seven_bit_gemm:
+        return [], []
+    shapes = {tensor.name: list(tensor.dims) for tensor in graph.initializer}
+    inputs = {tensor.name for tensor in graph.input}
+    kept_float: list[str] = []
+    seven_bit: list[tuple[str, int]] = []
+    for node in graph.node:
+        attributes = {a.name: a for a in node.attribute}
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if weight not in shapes:
+            continue
+        if node.op_type == "Conv":
+            if node.input[0] in inputs:
+                kept_float.append(node.name)
+            elif not _depthwise(shapes[weight], attributes):
+                seven_bit.append((weight, 0))
+        elif node.op_type == "Gemm":
+            trans_b = "transB" in attributes and attributes["transB"].i == 1
+            seven_bit.append((weight, 0 if trans_b else 1))
+        elif node.op_type == "MatMul" and len(shapes[weight]) == 2:
+            seven_bit.append((weight, 1))
+    return kept_float, seven_bit
+
+
+def _depthwise(weight_shape: list[int], attributes: dict[str, Any]) -> bool:
+    """One filter per channel: ONNX Runtime's depthwise kernel, which widens to 16 bits
+    before it multiplies."""
+    group = attributes["group"].i if "group" in attributes else 1
+    return group > 1 and weight_shape[0] == group and weight_shape[1] == 1

@@ -15,7 +15,8 @@ import redis
 from harness.server import free_port
 
 INSTALL_HINT = (
-    "run `make services` (Debian: apt-get install redis-server haproxy chromium chromium-driver)"
+    "run `make services` (Debian: apt-get install redis-server haproxy chromium chromium-driver"
+    " qemu-user)"
 )
 
 

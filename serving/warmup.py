@@ -2,8 +2,10 @@
 batch size when MAX_BATCH_SIZE=auto."""
 
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar
+
+Key = TypeVar("Key", bound=Hashable)
 
 TUNE_SHARE = 0.95
 
@@ -21,11 +23,12 @@ def choose_batch_size(items_per_second: dict[int, float], share: float = TUNE_SH
 
 
 def time_batches(
-    run: Callable[[int], Any], batch_sizes: Sequence[int], rounds: int = 5
-) -> dict[int, float]:
-    """Best-of-``rounds`` wall time of ``run(n)`` per batch size, after one untimed call
-    per size (which also warms up that shape). Each round times every size once, so a
-    burst of load from elsewhere slows all sizes alike rather than skewing the choice."""
+    run: Callable[[Key], Any], batch_sizes: Sequence[Key], rounds: int = 5
+) -> dict[Key, float]:
+    """Best-of-``rounds`` wall time of ``run(n)`` per batch size (or per any other key),
+    after one untimed call per size (which also warms up that shape). Each round times
+    every size once, so a burst of load from elsewhere slows all sizes alike rather than
+    skewing the choice."""
     for n in batch_sizes:
         run(n)
     best = dict.fromkeys(batch_sizes, float("inf"))

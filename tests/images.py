@@ -17,7 +17,7 @@ PHOTOS = {
 }
 CAT_IDS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 # The top class each photo may get. chelsea is a near tie in float32 (Egyptian cat 0.39,
-# tiger cat 0.35), which the int8 model (PRECISION=auto on a CPU with VNNI) may swap.
+# tiger cat 0.35), which the int8 model (PRECISION=auto) may swap.
 TOP1 = {"chelsea": {"Egyptian cat", "tiger cat"}, "coffee": {"espresso"}, "rocket": {"missile"}}
 
 

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from api.limits import DISCARD_SECONDS
-from classification.quantize import cpu_has_vnni
+from classification.image_model import INT8_MIN_SPEEDUP
+from classification.quantize import int8_recipe
 from harness.server import Server
 from tests.images import (
     CAT_IDS,
@@ -236,8 +237,10 @@ def test_health_and_metadata(server: Server) -> None:
     assert meta["model"]["device"] == "cpu"
     assert meta["model"]["backend"] == "onnxruntime"
     assert meta["model"]["backend_fallback_reason"] is None
-    # PRECISION=auto: int8 where the CPU has VNNI (the machines CI runs on), else float32.
-    assert meta["model"]["precision"] == ("int8" if cpu_has_vnni() else "float32")
+    # PRECISION=auto: int8, in this CPU's recipe, where it runs fast enough here.
+    assert meta["model"]["int8_recipe"] == int8_recipe().name
+    faster = meta["model"]["int8_speedup"] >= INT8_MIN_SPEEDUP
+    assert meta["model"]["precision"] == ("int8" if faster else "float32")
     assert meta["model"]["precision_reason"].startswith("PRECISION=auto")
     assert meta["model"]["num_labels"] == 1000
     assert meta["batching"] == {
