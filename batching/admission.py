@@ -7,37 +7,49 @@ from batching.errors import QueueFull
 from batching.observer import BatcherObserver
 from batching.stats import BatcherStats, RunningMean
 
-# At admission the estimate gets a margin: it is an average and the deadline a hard limit.
-ADMISSION_MARGIN = 1.2
+# A wait is a sum of batch times. Each varies by about ``spread`` (their mean absolute
+# deviation); k batches ahead vary by about spread * sqrt(k), and admission leaves
+# SPREADS_OF_MARGIN times that. A flat margin on the whole wait (a 20% one refused a
+# closed loop whose every answer came well within its deadline) grows with the wait,
+# while the variation of a long wait shrinks beside it.
+SPREADS_OF_MARGIN = 2.0
+# Before the first batch, the spread is assumed to be this share of a batch's time.
+SEEDED_SPREAD = 0.1
 
 
 class Admission:
-    """Keeps the seconds-per-item estimate and refuses, as late, what it cannot serve in
-    time. Under overload the model then spends its time on items that can still make
-    their deadline instead of on ones that cannot."""
+    """Keeps the estimate of the batches' pace and refuses, as late, what it cannot
+    serve in time. Under overload the model then spends its time on items that can
+    still make their deadline instead of on ones that cannot."""
 
     def __init__(
-        self, name: str, stats: BatcherStats, observer: BatcherObserver, *, enabled: bool
+        self,
+        name: str,
+        stats: BatcherStats,
+        observer: BatcherObserver,
+        *,
+        enabled: bool,
+        concurrency: int = 1,
     ) -> None:
+        """``concurrency`` batches compute at once, each at the pace measured."""
         self.name = name
+        self.concurrency = concurrency
         self.stats = stats
         self.observer = observer
         self.enabled = enabled
         self._seconds_per_item = RunningMean()
         self._seconds_per_batch = RunningMean()
-        self._last_per_item: float | None = None
-        self._last_batch: float | None = None
+        self._spread = RunningMean()  # of a batch's time around the mean
 
     @property
     def seconds_per_item(self) -> float | None:
-        """The recent mean, or the last batch's pace when that was slower: a slowdown
-        (a busier host) counts from its first batch, a speed-up only as it lasts."""
-        return _slower(self._seconds_per_item.value, self._last_per_item)
+        """The recent mean time per item, in one of the batches computing at once."""
+        return self._seconds_per_item.value
 
     @property
     def seconds_per_batch(self) -> float | None:
-        """How long one batch takes, the same way: the recent mean or the last if slower."""
-        return _slower(self._seconds_per_batch.value, self._last_batch)
+        """The recent mean time of one batch."""
+        return self._seconds_per_batch.value
 
     def expect(self, seconds_per_item: float, batch_size: int) -> None:
         """Seeds the estimate from a measurement made before the first batch: batches of
@@ -45,27 +57,41 @@ class Admission:
         if self._seconds_per_item.value is None:
             self._seconds_per_item.add(seconds_per_item)
             self._seconds_per_batch.add(seconds_per_item * batch_size)
+            self._spread.add(SEEDED_SPREAD * seconds_per_item * batch_size)
 
     def batch_done(self, seconds: float, size: int) -> None:
-        self._last_per_item, self._last_batch = seconds / size, seconds
-        self._seconds_per_item.add(self._last_per_item)
+        if (mean := self._seconds_per_batch.value) is not None:
+            self._spread.add(abs(seconds - mean))
+        self._seconds_per_item.add(seconds / size)
         self._seconds_per_batch.add(seconds)
 
-    def expected_wait(self, ahead: int) -> float | None:
-        """Seconds until an item with ``ahead`` items before it has its result: their
-        work at the recent pace, then its own batch's, which a lone item waits out in full.
-        None before anything was measured."""
+    def expected_wait(self, ahead: int, ready_in: float = 0.0) -> float | None:
+        """Seconds until an item with ``ahead`` items before it has its result, if it is
+        ready for the model in ``ready_in`` seconds: the model computes the items ahead
+        at the recent pace (shared by the batches computing at once) meanwhile, then the
+        item's own batch, which a lone item waits out in full. None before anything was
+        measured."""
         per_item, per_batch = self.seconds_per_item, self.seconds_per_batch
         if per_item is None or per_batch is None:
             return None
-        return ahead * per_item + per_batch
+        return max(ready_in, ahead * per_item / self.concurrency) + per_batch
 
-    def check(self, deadline: float | None, ahead: int, now: float) -> None:
+    def margin(self, ahead: int) -> float:
+        """How far a wait with ``ahead`` items before it may plausibly run over its
+        estimate (see SPREADS_OF_MARGIN)."""
+        per_item, per_batch = self.seconds_per_item, self.seconds_per_batch
+        spread = self._spread.value
+        if per_item is None or per_batch is None or spread is None or per_batch <= 0:
+            return 0.0
+        batches = ahead * per_item / self.concurrency / per_batch  # in a row, per worker
+        return SPREADS_OF_MARGIN * spread * math.sqrt(batches + 1)
+
+    def check(self, deadline: float | None, ahead: int, now: float, ready_in: float = 0.0) -> None:
         """Raises QueueFull if an item due at ``deadline`` would not be answered in time."""
-        wait = self.expected_wait(ahead)
+        wait = self.expected_wait(ahead, ready_in)
         if deadline is None or wait is None or not self.enabled:
             return
-        if now + ADMISSION_MARGIN * wait > deadline:
+        if now + wait + self.margin(ahead) > deadline:
             raise self.late(wait)
 
     def hopeless(self, deadline: float | None, ahead: int, now: float) -> float | None:
@@ -84,7 +110,3 @@ class Admission:
             f"{self.name} is about {wait:.2f} s behind, past this deadline",
             retry_after=max(1, math.ceil(wait)),
         )
-
-
-def _slower(mean: float | None, last: float | None) -> float | None:
-    return mean if mean is None or last is None else max(mean, last)

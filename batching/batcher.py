@@ -2,7 +2,8 @@
 
 Callers ``submit`` one item each and await its own result. A single loop task groups
 queued items into batches and hands each batch to the batch function, which runs in a
-dedicated worker thread so the event loop keeps serving while a batch computes.
+worker thread of its own (one per batch computed at once) so the event loop keeps serving
+while batches compute.
 """
 
 import asyncio
@@ -59,9 +60,9 @@ class MicroBatcher(Generic[In, Out]):
     """Groups concurrent submissions into batches for one batch function.
 
     A batch closes when it holds ``max_batch_size`` items, or ``max_batch_delay_s`` after
-    its first item arrived, whichever comes first. While the previous batch is still
-    computing, the next one keeps filling up to ``max_batch_size``: it could not start
-    earlier anyway.
+    its first item arrived, whichever comes first. Up to ``concurrency`` batches compute at
+    once; while all of them are busy, the next one keeps filling up to ``max_batch_size``:
+    it could not start earlier anyway.
 
     Lower priorities (higher numbers) fill what higher ones leave, but while any of their
     items wait they get at least ``min_share`` of the items computed, so that they always
@@ -80,10 +81,13 @@ class MicroBatcher(Generic[In, Out]):
         priorities: int = 1,
         shed_late: bool = True,
         min_share: float = 0.0,
+        concurrency: int = 1,
         on_crash: Callable[[BaseException], None] | None = None,
     ) -> None:
-        """``on_crash`` is called if the batch loop itself dies (a bug): the batcher then
-        serves nothing more, and its owner should stop the process."""
+        """``concurrency`` batches may compute at once, each in its own thread: for a
+        batch function that runs faster as several single-threaded calls than as one
+        multi-threaded call. ``on_crash`` is called if the batch loop itself dies (a bug):
+        the batcher then serves nothing more, and its owner should stop the process."""
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         if max_batch_delay_s < 0:
@@ -94,6 +98,8 @@ class MicroBatcher(Generic[In, Out]):
             raise ValueError(f"priorities must be an integer >= 1, got {priorities!r}")
         if not 0 <= min_share < 1:
             raise ValueError(f"min_share must be >= 0 and < 1, got {min_share!r}")
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
         self.batch_fn = batch_fn
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
@@ -107,10 +113,14 @@ class MicroBatcher(Generic[In, Out]):
         self._accepting = False
         self._executor: ThreadPoolExecutor | None = None
         self._loop_task: asyncio.Task[None] | None = None
-        self._running: asyncio.Future[Sequence[Out | BaseException]] | None = None
-        self._running_batch: list[_Pending[In, Out]] = []
+        self.concurrency = concurrency
+        # The batches computing now, by the future of their batch function's call.
+        self._running: dict[asyncio.Future[Sequence[Out | BaseException]], list[_Pending[In, Out]]]
+        self._running = {}
         self._forming: list[_Pending[In, Out]] = []
-        self.admission = Admission(name, self.stats, self.observer, enabled=shed_late)
+        self.admission = Admission(
+            name, self.stats, self.observer, enabled=shed_late, concurrency=concurrency
+        )
         self._last_batch_size = 0
         self.min_share = min_share
         self._since_lower = 0  # items computed since the last one of a priority above 0
@@ -134,7 +144,9 @@ class MicroBatcher(Generic[In, Out]):
         """Starts the batch loop on the running event loop."""
         if self._loop_task is not None:
             raise RuntimeError(f"{self.name} was already started")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker")
+        self._executor = ThreadPoolExecutor(
+            self.concurrency, thread_name_prefix=f"{self.name}-worker"
+        )
         self._accepting = True
         self._loop_task = asyncio.create_task(self._run(), name=f"{self.name}-loop")
         self._loop_task.add_done_callback(self._on_loop_done)
@@ -188,23 +200,34 @@ class MicroBatcher(Generic[In, Out]):
         except TimeoutError:
             raise DeadlineExceeded(f"no result from {self.name} before the deadline") from None
 
-    def admit(self, deadline: float | None, priority: int = 0, *, coming: int = 0) -> None:
+    def admit(
+        self,
+        deadline: float | None,
+        priority: int = 0,
+        *,
+        coming: int = 0,
+        ready_in: float = 0.0,
+    ) -> None:
         """Raises QueueFull if an item due at ``deadline`` would not be answered in time
         (see ``expected_wait``). ``submit`` checks this; a caller can check it earlier,
         before costly preparation of the item, counting as ``coming`` the items it has
-        already let through that will be submitted ahead of this one."""
+        already let through that will be submitted ahead of this one, and ``ready_in``
+        the seconds until this one will be prepared."""
         now = asyncio.get_running_loop().time()
-        self.admission.check(deadline, self._ahead(priority) + coming, now)
+        self.admission.check(deadline, self._ahead(priority) + coming, now, ready_in)
 
-    def expected_wait(self, priority: int = 0, *, coming: int = 0) -> float | None:
+    def expected_wait(
+        self, priority: int = 0, *, coming: int = 0, ready_in: float = 0.0
+    ) -> float | None:
         """Seconds until a new item of ``priority`` would have its result, estimated from
-        recent batches, with ``coming`` more items queued ahead of it; None before the
-        first batch."""
-        return self.admission.expected_wait(self._ahead(priority) + coming)
+        recent batches, with ``coming`` more items queued ahead of it and ready for the
+        model in ``ready_in`` seconds; None before the first batch."""
+        return self.admission.expected_wait(self._ahead(priority) + coming, ready_in)
 
     def _ahead(self, priority: int) -> int:
         queued = sum(len(queue) for queue in self._queues[: priority + 1])
-        return queued + len(self._forming) + len(self._running_batch)
+        running = sum(len(batch) for batch in self._running.values())
+        return queued + len(self._forming) + running
 
     async def stop(self, drain_timeout: float) -> None:
         """Stops accepting items, lets queued and running ones finish for up to
@@ -220,7 +243,7 @@ class MicroBatcher(Generic[In, Out]):
                     self.name,
                     drain_timeout,
                     self.queue_depth,
-                    len(self._running_batch),
+                    sum(len(batch) for batch in self._running.values()),
                 )
                 task.cancel()
                 await asyncio.wait([task])
@@ -233,20 +256,21 @@ class MicroBatcher(Generic[In, Out]):
             self._wakeup.set_result(None)
 
     async def _sleep(self, busy: bool, wait_s: float | None) -> None:
-        """Sleeps until an item is added, the running batch finishes (if ``busy``) or
+        """Sleeps until an item is added, a running batch finishes (if ``busy``) or
         ``wait_s`` passes."""
         self._wakeup = asyncio.get_running_loop().create_future()
         waiters: list[asyncio.Future[Any]] = [self._wakeup]
-        if busy and self._running is not None:
-            waiters.append(self._running)
+        if busy:
+            waiters.extend(self._running)
         try:
             await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._wakeup.cancel()
             self._wakeup = None
 
-    def _worker_busy(self) -> bool:
-        return self._running is not None and not self._running.done()
+    def _workers_busy(self) -> bool:
+        """Whether every worker thread is computing a batch."""
+        return len(self._running) >= self.concurrency
 
     def _is_dead(self, pending: _Pending[In, Out], now: float) -> bool:
         """Counts and reports items that must not be computed."""
@@ -332,11 +356,11 @@ class MicroBatcher(Generic[In, Out]):
                 if not self._accepting:
                     return None
                 await self._sleep(busy=False, wait_s=None)
-        # At low load batching must cost nothing: when the model is idle and the last batch
+        # At low load batching must cost nothing: when a worker is free and the last batch
         # held one item, nobody else is likely to come, so the batch goes at once.
         delay = (
             0.0
-            if self._last_batch_size == 1 and not self._worker_busy()
+            if self._last_batch_size == 1 and not self._workers_busy()
             else self.max_batch_delay_s
         )
         closes_at = loop.time() + delay
@@ -344,15 +368,15 @@ class MicroBatcher(Generic[In, Out]):
             self._take_live(batch)
             if len(batch) >= self.max_batch_size:
                 break
-            busy = self._worker_busy()
+            busy = self._workers_busy()
             remaining = closes_at - loop.time()
             if not busy and (remaining <= 0 or not self._accepting):
                 break
             await self._sleep(busy, wait_s=remaining if remaining > 0 else None)
-        if self._running is not None:
-            await asyncio.wait([self._running])
-            self._shed_hopeless(batch)
-            self._make_room_for_urgent(batch)
+        while self._workers_busy():
+            await asyncio.wait(list(self._running), return_when=asyncio.FIRST_COMPLETED)
+        self._shed_hopeless(batch)
+        self._make_room_for_urgent(batch)
         return batch
 
     def _make_room_for_urgent(self, batch: list[_Pending[In, Out]]) -> None:
@@ -381,8 +405,8 @@ class MicroBatcher(Generic[In, Out]):
             if batch:
                 self._dispatch(batch)
             self._forming = []
-        if self._running is not None:
-            await asyncio.wait([self._running])
+        if self._running:
+            await asyncio.wait(list(self._running))
 
     def _dispatch(self, batch: list[_Pending[In, Out]]) -> None:
         self.stats.record_batch(len(batch))
@@ -395,8 +419,7 @@ class MicroBatcher(Generic[In, Out]):
         queue_waits = [started - p.submitted_at for p in batch]
         inputs = [p.item for p in batch]
         running = asyncio.get_running_loop().run_in_executor(self._executor, self.batch_fn, inputs)
-        self._running = running
-        self._running_batch = batch
+        self._running[running] = batch
 
         def finished(done: "asyncio.Future[Sequence[Out | BaseException]]") -> None:
             seconds = time.monotonic() - started
@@ -412,8 +435,7 @@ class MicroBatcher(Generic[In, Out]):
         self, batch: list[_Pending[In, Out]], done: "asyncio.Future[Sequence[Out | BaseException]]"
     ) -> bool:
         """Settles each item's future; False when the batch failed as a whole."""
-        if self._running is done:
-            self._running_batch = []
+        self._running.pop(done, None)
         if done.cancelled():
             for pending in batch:
                 _set_exception(pending.future, BatcherClosed(f"{self.name} stopped mid-batch"))
@@ -440,15 +462,15 @@ class MicroBatcher(Generic[In, Out]):
         return True
 
     def _fail_everything(self, error: BatcherError) -> None:
-        running = self._running
-        if running is not None and not running.done():
-            running.cancel()
+        running = [pending for batch in self._running.values() for pending in batch]
+        for future in self._running:
+            future.cancel()
         queued = [pending for queue in self._queues for pending in queue]
-        for pending in [*self._running_batch, *self._forming, *queued]:
+        for pending in [*running, *self._forming, *queued]:
             _set_exception(pending.future, error)
         for queue in self._queues:
             queue.clear()
-        self._running_batch = []
+        self._running.clear()
         self._forming = []
 
     def _on_loop_done(self, task: "asyncio.Task[None]") -> None:

@@ -18,6 +18,8 @@ class Backend(Protocol):
     name: str
     device: torch.device
     preprocess: Preprocess
+    # How many calls of forward are worth making at once, from as many threads.
+    concurrency: int
 
     def forward(self, pixels: np.ndarray) -> torch.Tensor:
         """The model's float32 outputs, shape (N, ...), on the CPU, for a uint8
@@ -29,6 +31,7 @@ class TorchBackend:
     """PyTorch eager inference. The batch stays uint8 until it reaches the device."""
 
     name = "torch"
+    concurrency = 1  # its threads are the process's: calls side by side would share them
 
     def __init__(
         self,

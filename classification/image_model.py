@@ -1,8 +1,13 @@
 """One image model on one backend: decoding, the backend choice, warm-up. Knows nothing
 of HTTP; the classifier and the embedder build on it."""
 
+import contextlib
+import hashlib
+import json
 import logging
 import math
+import os
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +37,7 @@ from classification.quantize import (
     read_ranges,
 )
 from serving.task import resolve_device
-from serving.warmup import time_batches, tune_batch_size
+from serving.warmup import batch_shapes, time_batches, tune_batch_size
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +119,12 @@ class ImageModel:
                 "PRECISION=int8 runs on ONNX Runtime: use BACKEND=onnxruntime on the CPU, "
                 "or PRECISION=float32"
             )
+        self.cache_dir = cache_dir = cache_dir or Path(".model-cache")
         if backend == "onnxruntime":
             if torch_device.type != "cpu":
                 raise ValueError(
                     "BACKEND=onnxruntime runs on the CPU: use DEVICE=cpu or BACKEND=torch"
                 )
-            cache_dir = cache_dir or Path(".model-cache")
             self._try_onnx(cache_dir, threads or torch.get_num_threads())
             if precision != "float32":
                 if isinstance(self.backend, OnnxBackend):
@@ -272,6 +277,11 @@ class ImageModel:
         )
 
     @property
+    def concurrency(self) -> int:
+        """How many batches are worth computing at once (see ``Backend``)."""
+        return self.backend.concurrency
+
+    @property
     def device(self) -> torch.device:
         return self.backend.device
 
@@ -292,9 +302,10 @@ class ImageModel:
         returns what it measured.
 
         With CHANNELS_LAST=auto, PyTorch keeps the faster memory layout. With ``tune``,
-        each shape is timed and ``report["batch_size"]`` is the smallest one
-        that reaches 95% of the best throughput. ``report["seconds_per_item"]`` is the
-        model's time per image at that batch size.
+        each shape is timed as the batcher runs it and ``report["batch_size"]`` is chosen
+        by ``serving.warmup.tune_batch_size``, which keeps the choice for the next start
+        in the model cache. ``report["seconds_per_item"]`` is the model's time per image
+        at that batch size, in one of ``concurrency`` batches computing at once.
         """
         started = time.perf_counter()
         report: dict[str, Any] = {"backend": self.backend.name}
@@ -302,9 +313,43 @@ class ImageModel:
             report["memory_format_ms"] = self._choose_memory_format(min(max_batch_size, 4))
         report["decode_seconds_per_item"] = self._decode_seconds()
         run = forward_random(self.backend)
-        report |= tune_batch_size(run, max_batch_size, tune=tune, unit="images")
+        for size in batch_shapes(max_batch_size):
+            run(size)  # each shape, on the session a call alone uses
+        side_by_side = getattr(self.backend, "side_by_side", contextlib.nullcontext)
+        with side_by_side():
+            report |= tune_batch_size(
+                run,
+                max_batch_size,
+                tune=tune,
+                unit="images",
+                concurrency=self.concurrency,
+                remember=self._batch_size_file(max_batch_size),
+            )
         report["seconds"] = round(time.perf_counter() - started, 3)
         return report
+
+    def _batch_size_file(self, max_batch_size: int) -> Path:
+        """Where the batch size chosen for this model, backend and machine is kept."""
+        backend = self.backend
+        key = json.dumps(
+            [
+                {
+                    key: value
+                    for key, value in self.describe().items()
+                    if not key.endswith(("_reason", "_speedup"))
+                },
+                getattr(backend, "model_path", Path()).name,
+                self.concurrency,
+                max_batch_size,
+                platform.processor() or platform.machine(),
+                torch.cpu.get_capabilities().get("cpu_name"),
+                os.cpu_count(),
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return self.cache_dir / f"{self.model.name}-batch-size-{digest}.json"
 
     def _decode_seconds(self, rounds: int = 3) -> float:
         """The best time of decoding and cropping the sample photo: a floor for what an

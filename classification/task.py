@@ -78,6 +78,9 @@ class ImageTask:
     def warm_up(self, max_batch_size: int, tune: bool) -> dict[str, Any]:
         return self.model.warmup(max_batch_size, tune=tune)
 
+    def concurrency(self) -> int:
+        return self.model.concurrency
+
     def describe(self) -> dict[str, Any]:
         return self.model.describe()
 

@@ -82,6 +82,7 @@ class TaskService:
             priorities=2,
             shed_late=settings.shed_late_requests,
             min_share=settings.job_min_share,
+            concurrency=task.concurrency(),
             on_crash=on_crash,
         )
 
@@ -116,17 +117,17 @@ class TaskService:
         return (loop.time() if arrived_at is None else arrived_at) + self.settings.timeout
 
     def _admit(self, deadline: float | None) -> None:
-        """Refuses a request that could not be decoded and computed by ``deadline``: the
-        wait for the decode threads counts as much as the wait for the model, and the
-        items being decoded now will reach the model first. Its own decode takes one
-        thread the whole decode time, however many threads share the backlog ahead."""
+        """Refuses a request that could not be decoded and computed by ``deadline``. Its
+        decode takes one thread its whole decode time after the backlog ahead of it, and
+        the model meanwhile computes the items ahead, those being decoded now included:
+        the two waits overlap, and the longer one counts."""
         if deadline is None:
             return
         decoding = self._decoding_interactive
         decode_wait = 0.0
         if (per_item := self._decode_seconds.value) is not None:
             decode_wait = (decoding / self.pools.workers + 1) * per_item
-        self.batcher.admit(deadline - decode_wait, coming=decoding)
+        self.batcher.admit(deadline, coming=decoding, ready_in=decode_wait)
 
     async def run(
         self,

@@ -86,6 +86,12 @@ class Task(Generic[Item, Result]):
         cheap."""
         raise NotImplementedError
 
+    def concurrency(self) -> int:
+        """How many batches ``predict_batch`` may compute at once, each in a model thread
+        of its own. Called after ``load``. 1 unless the model runs faster as several
+        single-threaded calls side by side."""
+        return 1
+
     def example(self) -> Item | None:
         """An item for warm-up and batch-size tuning; None skips both."""
         return None
@@ -101,7 +107,10 @@ class Task(Generic[Item, Result]):
         if example is None:
             return {}
         return tune_batch_size(
-            lambda n: self.predict_batch([example] * n), max_batch_size, tune=tune
+            lambda n: self.predict_batch([example] * n),
+            max_batch_size,
+            tune=tune,
+            concurrency=self.concurrency(),
         )
 
     def describe(self) -> dict[str, Any]:

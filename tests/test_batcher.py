@@ -57,6 +57,7 @@ def make_batcher(
     delay_s: float = 0.05,
     queue: int = 64,
     priorities: int = 1,
+    concurrency: int = 1,
 ) -> MicroBatcher[int, int]:
     batcher: MicroBatcher[int, int] = MicroBatcher(
         fn,  # type: ignore[arg-type]
@@ -65,6 +66,7 @@ def make_batcher(
         max_queue_size=queue,
         name="test-batcher",
         priorities=priorities,
+        concurrency=concurrency,
     )
     batcher.start()
     return batcher
@@ -310,6 +312,7 @@ async def test_counters() -> None:
         ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1, got 0"),
         ({"max_batch_delay_s": -1.0}, "max_batch_delay_s must be >= 0, got -1.0"),
         ({"max_queue_size": 0}, "max_queue_size must be an integer >= 1, got 0"),
+        ({"concurrency": 0}, "concurrency must be an integer >= 1, got 0"),
     ],
 )
 def test_invalid_settings_name_the_value(kwargs: dict[str, float], message: str) -> None:
@@ -601,4 +604,113 @@ async def test_a_crashed_batch_loop_tells_its_owner_and_refuses_work() -> None:
     assert [type(error) for error in crashes] == [AssertionError]
     with pytest.raises(BatcherClosed):
         await batcher.submit(2)
+    await batcher.stop(drain_timeout=1)
+
+
+class SideBySideModel:
+    """Doubles each input; every call waits for ``release`` and counts how many calls
+    were running at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+        self.calls = 0
+        self._started = threading.Semaphore(0)
+        self._gate = threading.Event()
+
+    def __call__(self, items: list[int]) -> Sequence[int | BaseException]:
+        with self._lock:
+            self.calls += 1
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        self._started.release()
+        self._gate.wait(timeout=30)
+        with self._lock:
+            self.running -= 1
+        return [item * 2 for item in items]
+
+    async def started(self, within: float) -> bool:
+        """Whether one more call started within ``within`` seconds."""
+        return await asyncio.to_thread(self._started.acquire, True, within)
+
+    def hold(self) -> None:
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+
+async def test_up_to_concurrency_batches_compute_at_once() -> None:
+    model = SideBySideModel()
+    batcher = make_batcher(model, max_batch_size=2, delay_s=0.01, concurrency=2)
+    tasks = [later(batcher, i) for i in range(7)]
+    assert await model.started(within=10)
+    assert await model.started(within=10)
+    assert not await model.started(within=0.2), "a third batch started beside two"
+    assert batcher.queue_depth == 1  # behind the next batch of two, forming
+    model.release()
+    assert await asyncio.gather(*tasks) == [i * 2 for i in range(7)]
+    assert model.most_at_once == 2
+    assert model.calls == 4
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_a_free_worker_takes_a_lone_item_at_once_beside_a_busy_one() -> None:
+    model = SideBySideModel()
+    model.release()
+    batcher = make_batcher(model, max_batch_size=4, delay_s=1.0, concurrency=2)
+    assert await batcher.submit(0) == 0  # a batch of one, after the delay
+    assert await model.started(within=1)
+    model.hold()
+    first = later(batcher, 1)
+    assert await model.started(within=0.5)  # the last batch held one item: no delay
+    second = later(batcher, 2)
+    assert await model.started(within=0.5)  # nor beside it, while a worker is free
+    model.release()
+    assert await asyncio.gather(first, second) == [2, 4]
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_the_pace_of_batches_side_by_side_counts_once_per_worker() -> None:
+    batcher = make_batcher(FakeModel(), max_batch_size=4, delay_s=0, concurrency=2)
+    batcher.expect_seconds_per_item(0.1)  # batches of four take 0.4 s, two at a time
+    assert batcher.expected_wait(coming=6) == pytest.approx(6 * 0.1 / 2 + 0.4)
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_stop_fails_every_item_of_batches_computing_side_by_side() -> None:
+    model = SideBySideModel()
+    batcher = make_batcher(model, max_batch_size=1, delay_s=0, concurrency=2)
+    tasks = [later(batcher, i) for i in range(4)]
+    assert await model.started(within=10)
+    assert await model.started(within=10)
+    try:
+        await asyncio.wait_for(batcher.stop(drain_timeout=0.2), timeout=5)
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=5)
+    finally:
+        model.release()
+    assert all(isinstance(r, BatcherClosed) for r in results), results
+
+
+async def test_a_wait_within_the_deadline_is_admitted_however_long() -> None:
+    batcher = make_batcher(FakeModel(), max_batch_size=4, delay_s=0)
+    now = asyncio.get_running_loop().time()
+    batcher.expect_seconds_per_item(0.01)  # batches of four take 0.04 s
+    wait = batcher.expected_wait(coming=100)
+    assert wait == pytest.approx(100 * 0.01 + 0.04)
+    # Twenty-five batches in a row vary by a few of their own spreads, not by a fifth of
+    # the whole wait: 1.04 s of work fits within 1.1 s (a 20% margin refused it).
+    batcher.admit(now + 1.1, coming=100)
+    with pytest.raises(QueueFull, match="behind"):
+        batcher.admit(now + 1.05, coming=100)
+    await batcher.stop(drain_timeout=1)
+
+
+async def test_the_wait_to_be_prepared_overlaps_the_wait_for_the_model() -> None:
+    batcher = make_batcher(FakeModel(), max_batch_size=4, delay_s=0)
+    batcher.expect_seconds_per_item(0.01)
+    # Meanwhile the model computes the ten items ahead (0.1 s): the longer wait counts.
+    assert batcher.expected_wait(coming=10, ready_in=0.03) == pytest.approx(0.1 + 0.04)
+    assert batcher.expected_wait(coming=10, ready_in=0.3) == pytest.approx(0.3 + 0.04)
     await batcher.stop(drain_timeout=1)

@@ -263,7 +263,8 @@ def assert_default_backend_and_timed_batch_size(server: Server) -> None:
     meta = httpx.get(f"{server.url}/metadata").json()
     assert meta["model"]["backend"] == "onnxruntime"
     assert meta["model"]["backend_fallback_reason"] is None
-    table = meta["model"]["warmup"]["images_per_second"]
+    table = meta["model"]["warmup"]["serving_scores"]
+    assert set(table) == set(meta["model"]["warmup"]["images_per_second"])
     assert set(table) == {"1", "2", "4", "8", "16", "32"}
     assert meta["batching"]["max_batch_size_setting"] == "auto"
     chosen = meta["batching"]["max_batch_size"]
