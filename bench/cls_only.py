@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import run  # bench/run.py, importable once its folder is on the path
+import servers
 
 
 def main() -> None:
@@ -20,7 +21,7 @@ def main() -> None:
         images.mkdir()
         run.make_images(images)
         report = {"machine": run.machine()}
-        report |= run.servers(["ours (defaults)"], images, work, 8.0)
+        report |= servers.run_levels(["ours (defaults)"], images, work, 8.0)
     print(json.dumps(report, indent=1))
 
 

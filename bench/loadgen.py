@@ -9,6 +9,10 @@
 
     python bench/loadgen.py --port 5001 --concurrency 8 --duration 8 --images DIR
 
+``--protocol`` says how a JPEG travels: ``multipart`` (our /cls and LitServe's), ``v2``
+(the Open Inference Protocol's binary tensor extension, as Triton takes it) or ``raw`` (the
+body of mosec's /inference).
+
 Prints JSON: statuses, latencies of the measured window, and the generator's own CPU use;
 with ``--server-pid``, also the server's CPU time over the window and the statuses of the
 answers that came in it (to put the two side by side).
@@ -29,16 +33,43 @@ import uvloop
 BOUNDARY = "bench-boundary-7d1f"
 
 
-def build_request(path: str, port: int, image: bytes, name: str) -> bytes:
-    body = (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-        "Content-Type: image/jpeg\r\n\r\n".encode()
-        + image
-        + f"\r\n--{BOUNDARY}--\r\n".encode()
-    )
+PATHS = {"multipart": "/cls", "v2": "/v2/models/cls/infer", "raw": "/inference"}
+
+
+def build_request(protocol: str, path: str, port: int, image: bytes, name: str) -> bytes:
+    if protocol == "multipart":
+        body = (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n".encode()
+            + image
+            + f"\r\n--{BOUNDARY}--\r\n".encode()
+        )
+        headers = f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+    elif protocol == "v2":
+        # One BYTES element, its 4-byte little-endian length first, after the JSON header.
+        tensor = len(image).to_bytes(4, "little") + image
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": [1, 1],
+                        "datatype": "BYTES",
+                        "parameters": {"binary_data_size": len(tensor)},
+                    }
+                ]
+            }
+        ).encode()
+        body = header + tensor
+        headers = (
+            "Content-Type: application/octet-stream\r\n"
+            f"Inference-Header-Content-Length: {len(header)}\r\n"
+        )
+    else:
+        body = image
+        headers = "Content-Type: image/jpeg\r\n"
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
@@ -195,7 +226,8 @@ async def run(args: argparse.Namespace, requests: list[bytes]) -> dict[str, obje
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--path", default="/cls")
+    parser.add_argument("--protocol", choices=sorted(PATHS), default="multipart")
+    parser.add_argument("--path", help="default: the protocol's usual path")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=1.0)
@@ -207,7 +239,10 @@ def main() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # open loop: many connections
     images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".jpg", ".jpeg"})
-    requests = [build_request(args.path, args.port, p.read_bytes(), p.name) for p in images]
+    path = args.path or PATHS[args.protocol]
+    requests = [
+        build_request(args.protocol, path, args.port, p.read_bytes(), p.name) for p in images
+    ]
     started = time.perf_counter()
     result = uvloop.run(run(args, requests))
     result["wall_s"] = round(time.perf_counter() - started, 2)

@@ -19,6 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 import run  # bench/run.py, importable once its folder is on the path
+import servers
 from loadgen import cpu_seconds
 
 from harness.server import free_port, wait_ready
@@ -33,7 +34,7 @@ def measured(
 ) -> dict[str, Any]:
     """A load run, with the server's CPU seconds over the whole run."""
     before = cpu_seconds(pid)
-    row = run.load(port, concurrency, duration, images, *extra)
+    row = servers.load(port, concurrency, duration, images, *extra)
     row["server_cpu_s"] = round(cpu_seconds(pid) - before, 2)
     mix = row["status_mix"]
     answers = sum(mix.values())
@@ -44,10 +45,10 @@ def measured(
     return row
 
 
-def serve(env: dict[str, str], logs: Path, name: str) -> tuple[run.Server, int]:
+def serve(env: dict[str, str], logs: Path, name: str) -> tuple[servers.Server, int]:
     port = free_port()
     full_env = {"PORT": str(port), "LOG_LEVEL": "warning", "TIMEOUT": str(TIMEOUT_S), **env}
-    server = run.start([sys.executable, "main.py"], full_env, port, logs / f"{name}.log")
+    server = servers.start([sys.executable, "main.py"], full_env, port, logs / f"{name}.log")
     wait_ready(server, timeout=180)
     return server, port
 
@@ -68,7 +69,7 @@ def refusal_cost(images: Path, logs: Path, duration: float, env: dict[str, str])
         storm = ("--impolite", "--server-pid", str(pid))
         row = measured(pid, port, STORM_CLIENTS, duration, images, *storm)
     finally:
-        run.stop_all(server)
+        servers.stop_all(server)
     row["server_idle_cpu_s_per_s"] = round(idle_per_s, 4)
     busy = row["server_cpu_in_window_s"] - idle_per_s * duration
     row["server_cpu_ms_per_refusal"] = round(1000 * busy / row["answered_in_window"]["503"], 3)
@@ -96,7 +97,7 @@ def overload_suite(
         report["storm"] = measured(pid, port, STORM_CLIENTS, duration, images, "--impolite")
         report["polite_256"] = measured(pid, port, STORM_CLIENTS, duration, images)
     finally:
-        run.stop_all(server)
+        servers.stop_all(server)
     report["refusal"] = refusal_cost(images, logs, duration, env)
     for name in ("open_loop_2x", "open_loop_4x", "storm", "polite_256"):
         row = report[name]
@@ -201,7 +202,7 @@ def main() -> None:
         report["wall_s"] = round(time.monotonic() - started)
     for target, value, met in report["targets"]:
         print(f"{'met ' if met else 'MISS'} {target}: {value}")
-    out = run.ROOT / "bench" / "results"
+    out = servers.ROOT / "bench" / "results"
     stem = f"{report['date']}-{platform.node() or 'host'}-overload"
     if precision:
         stem += f"-{precision}"

@@ -275,6 +275,7 @@ def quantized_model(
             "with CALIBRATION_DIR (or scripts/calibrate.py for the default model)"
         ) from exc
     quantizer.model.remove_unused_constant()
+    cache_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     quantizer.model.save_model_to_file(str(partial), False)
     partial.replace(path)

@@ -1,8 +1,11 @@
-"""LitServe, the peer framework, with the same model and preprocessing as ours.
+"""LitServe, with the same model and preprocessing as ours, batches of up to 8 (5 ms).
 
-python bench/litserve_server.py PORT
+    python bench/peers/litserve_server.py PORT
+
+PRECISION (float32 or int8) picks the model, as for our server.
 """
 
+import os
 import sys
 
 import litserve as ls
@@ -15,7 +18,11 @@ from classification import Classifier, ClassifyInput, load_model
 
 class ImageClassifierAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
-        self.classifier = Classifier(load_model("efficientnet_lite0"), backend="onnxruntime")
+        self.classifier = Classifier(
+            load_model("efficientnet_lite0"),
+            backend="onnxruntime",
+            precision=os.environ.get("PRECISION", "float32"),
+        )
 
     def decode_request(self, request: Request) -> np.ndarray:
         return self.classifier.prepare(request["file"].file.read(), max_pixels=40_000_000)

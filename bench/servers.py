@@ -1,0 +1,200 @@
+"""The servers the benchmark loads, ours and its peers, and one load run against each.
+
+The peers serve the same ONNX model file with the same preprocessing (our Classifier)
+and the same ONNX Runtime options, each through its own protocol: Triton (through
+PyTriton, in .venv-triton, which `make bench` makes from requirements-triton.txt) takes
+the Open Inference Protocol, mosec a raw body, LitServe our multipart form.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from harness.server import Server, free_port, stop  # noqa: E402
+
+CONCURRENCY = (1, 8, 32, 128)
+TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
+
+
+@dataclass(frozen=True)
+class Contender:
+    """How to start one server on a port (appended to ``command``) and load it."""
+
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    protocol: str = "multipart"  # bench/loadgen.py's --protocol
+    ready_path: str = "/health/ready"
+    missing: str | None = None  # why it cannot run here, if it cannot
+
+
+def _triton() -> Contender:
+    # The Python backend's stub links against the interpreter's shared library.
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    return Contender(
+        [str(TRITON_PYTHON), "bench/peers/triton_server.py"],
+        {"PRECISION": "float32", "LD_LIBRARY_PATH": libdir},
+        protocol="v2",
+        ready_path="/v2/models/cls/ready",
+        missing=None if TRITON_PYTHON.exists() else f"{TRITON_PYTHON} is missing: make bench",
+    )
+
+
+OURS = [sys.executable, "main.py"]
+CONTENDERS: dict[str, Contender] = {
+    "ours (defaults)": Contender(OURS),
+    "ours PRECISION=float32": Contender(OURS, {"PRECISION": "float32"}),
+    "Triton (PyTriton) float32": _triton(),
+    "mosec float32": Contender(
+        [sys.executable, "bench/peers/mosec_server.py"],
+        {"PRECISION": "float32"},
+        protocol="raw",
+        ready_path="/",
+    ),
+    "LitServe float32": Contender(
+        [sys.executable, "bench/peers/litserve_server.py"], {"PRECISION": "float32"}
+    ),
+    "ours MAX_BATCH_SIZE=1": Contender(OURS, {"MAX_BATCH_SIZE": "1"}),
+    "ours BACKEND=torch": Contender(OURS, {"BACKEND": "torch"}),
+    "naive FastAPI": Contender([sys.executable, "bench/naive_server.py"]),
+}
+PEERS = ["Triton (PyTriton) float32", "mosec float32", "LitServe float32"]
+
+
+def start(command: list[str], env: dict[str, str], port: int, log: Path) -> Server:
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, for stop_all
+        )
+    return Server(process, f"http://127.0.0.1:{port}", log)
+
+
+def stop_all(server: Server) -> None:
+    """Stops a server and every process it started. Peers' workers (LitServe's, mosec's,
+    Triton's server) outlive a SIGTERM to the main process, and left running they would
+    take CPU from the rest of the run."""
+    group = server.process.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    stop(server)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+
+
+def wait_until_ready(server: Server, contender: Contender, images: Path, timeout: float) -> None:
+    """Until the contender's readiness path answers 200, then one real request: some
+    peers answer their health check before their model workers are up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"exited with {server.process.returncode}:\n{server.output()}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(server.url + contender.ready_path, timeout=2).status_code == 200:
+                break
+        time.sleep(0.5)
+    else:
+        raise RuntimeError(f"not ready after {timeout} s:\n{server.output()}")
+    port = int(server.url.rsplit(":", 1)[1])
+    load(port, 1, 1.0, images, "--protocol", contender.protocol, warmup=0.0)
+
+
+def load(
+    port: int,
+    concurrency: int,
+    duration: float,
+    images: Path,
+    *extra: str,
+    warmup: float = 1.0,
+) -> dict[str, Any]:
+    """One bench/loadgen.py run; ``extra`` are its options (--impolite, --rate R,
+    --protocol P)."""
+    output = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "loadgen.py"),
+            *("--port", str(port), "--concurrency", str(concurrency)),
+            *("--duration", str(duration), "--warmup", str(warmup), "--images", str(images)),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    raw = json.loads(output.stdout)
+    statuses = raw["statuses"]
+    ok = sorted(t for s, t in zip(statuses, raw["latencies_s"], strict=True) if s == 200)
+    mix = {str(code): statuses.count(code) for code in sorted(set(statuses))}
+    return {
+        "concurrency": concurrency,
+        "requests": len(statuses),
+        "status_mix": mix,
+        "throughput_rps": round(len(ok) / duration, 1),
+        "p50_ms": percentile(ok, 50),
+        "p95_ms": percentile(ok, 95),
+        "p99_ms": percentile(ok, 99),
+        "loadgen_cpu_percent": raw["loadgen_cpu_percent"],
+        **{key: raw[key] for key in ("server_cpu_in_window_s", "answered_in_window") if key in raw},
+    }
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    index = min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))
+    return round(sorted_values[index] * 1000, 1)
+
+
+def run_levels(
+    names: list[str],
+    images: Path,
+    logs: Path,
+    duration: float,
+    levels: tuple[int, ...] = CONCURRENCY,
+) -> dict[str, list[dict[str, Any]]]:
+    """Each named contender, started alone on a free port, at each concurrency level.
+    One that cannot run here is left out, with its reason printed."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        contender = CONTENDERS[name]
+        if contender.missing:
+            print(f"  {name}: left out, {contender.missing}", flush=True)
+            continue
+        port = free_port()
+        env = {"PORT": str(port), "LOG_LEVEL": "warning", **contender.env}
+        log = logs / f"{slug(name)}.log"
+        server = start([*contender.command, str(port)], env, port, log)
+        try:
+            wait_until_ready(server, contender, images, timeout=240)
+            results[name] = []
+            for concurrency in levels:
+                row = load(port, concurrency, duration, images, "--protocol", contender.protocol)
+                print(
+                    f"  {name:28} c={concurrency:<4} {row['throughput_rps']:7.1f} req/s "
+                    f"p50 {row['p50_ms']} ms p99 {row['p99_ms']} ms {row['status_mix']}",
+                    flush=True,
+                )
+                results[name].append(row)
+        finally:
+            stop_all(server)
+    return results
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
