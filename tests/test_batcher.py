@@ -256,18 +256,28 @@ async def test_stop_drains_queued_and_running_items() -> None:
     assert batcher.stats.rejected_closed == 1
 
 
-async def test_stop_after_drain_timeout_leaves_no_future_pending() -> None:
-    model = FakeModel()
-    batcher = make_batcher(model, max_batch_size=2, delay_s=0.01)
-    model.hold()
-    tasks = [later(batcher, i) for i in range(5)]
-    await model.wait_entered()
+async def stop_while_held(
+    model: "FakeModel | SideBySideModel",
+    batcher: MicroBatcher[int, int],
+    tasks: list["asyncio.Task[int]"],
+) -> None:
+    """Stops ``batcher`` with a short drain while ``model`` holds its batches, and checks
+    that every caller then has BatcherClosed."""
     try:
         await asyncio.wait_for(batcher.stop(drain_timeout=0.2), timeout=5)
         results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=5)
     finally:
         model.release()
     assert all(isinstance(r, BatcherClosed) for r in results), results
+
+
+async def test_stop_after_drain_timeout_leaves_no_future_pending() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=2, delay_s=0.01)
+    model.hold()
+    tasks = [later(batcher, i) for i in range(5)]
+    await model.wait_entered()
+    await stop_while_held(model, batcher, tasks)
 
 
 async def test_loop_crash_fails_pending_items_and_refuses_new_ones(
@@ -641,12 +651,21 @@ class SideBySideModel:
         self._gate.set()
 
 
-async def test_up_to_concurrency_batches_compute_at_once() -> None:
+async def two_workers_busy(
+    max_batch_size: int, items: int
+) -> tuple[SideBySideModel, MicroBatcher[int, int], list["asyncio.Task[int]"]]:
+    """A batcher of two workers and ``items`` submitted, once both workers are held
+    computing a batch."""
     model = SideBySideModel()
-    batcher = make_batcher(model, max_batch_size=2, delay_s=0.01, concurrency=2)
-    tasks = [later(batcher, i) for i in range(7)]
+    batcher = make_batcher(model, max_batch_size=max_batch_size, delay_s=0.01, concurrency=2)
+    tasks = [later(batcher, i) for i in range(items)]
     assert await model.started(within=10)
     assert await model.started(within=10)
+    return model, batcher, tasks
+
+
+async def test_up_to_concurrency_batches_compute_at_once() -> None:
+    model, batcher, tasks = await two_workers_busy(max_batch_size=2, items=7)
     assert not await model.started(within=0.2), "a third batch started beside two"
     assert batcher.queue_depth == 1  # behind the next batch of two, forming
     model.release()
@@ -680,17 +699,8 @@ async def test_the_pace_of_batches_side_by_side_counts_once_per_worker() -> None
 
 
 async def test_stop_fails_every_item_of_batches_computing_side_by_side() -> None:
-    model = SideBySideModel()
-    batcher = make_batcher(model, max_batch_size=1, delay_s=0, concurrency=2)
-    tasks = [later(batcher, i) for i in range(4)]
-    assert await model.started(within=10)
-    assert await model.started(within=10)
-    try:
-        await asyncio.wait_for(batcher.stop(drain_timeout=0.2), timeout=5)
-        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=5)
-    finally:
-        model.release()
-    assert all(isinstance(r, BatcherClosed) for r in results), results
+    model, batcher, tasks = await two_workers_busy(max_batch_size=1, items=4)
+    await stop_while_held(model, batcher, tasks)
 
 
 async def test_a_wait_within_the_deadline_is_admitted_however_long() -> None:
