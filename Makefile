@@ -4,13 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev install-bench services run test lint typecheck pytest docker-check bench bench-jobs bench-overload page-screenshot calibrate clean
+.PHONY: help install install-dev services run test lint typecheck pytest docker-check bench bench-jobs bench-overload page-screenshot calibrate clean
 
 help:
 	@echo "make run    - create $(VENV) if needed, install what changed, serve on :5001"
 	@echo "make test   - lint, type-check and run the whole test suite"
 	@echo "make docker-check - replay the Dockerfile in a fresh virtualenv and serve one request"
-	@echo "make bench  - offline limits, five servers under load, overload; writes bench/results/"
+	@echo "make bench  - offline limits, ours beside Triton, mosec, LitServe, overload; writes bench/results/"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +52,8 @@ pytest: install-dev services
 
 test: lint typecheck pytest
 
-# A benchmark, not a test: about five minutes, and the machine should be otherwise idle.
+# A benchmark, not a test: about a quarter of an hour (two more minutes on its first run, to
+# make .venv-triton for the Triton peer), and the machine should be otherwise idle.
 bench: $(VENV)/.bench-installed services
 	$(PY) bench/run.py
 

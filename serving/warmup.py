@@ -16,7 +16,7 @@ TUNE_SHARE = 0.95
 TUNE_ROUNDS = 3
 # What serving a batch costs beyond computing it: a worker that finishes a batch waits
 # for the event loop to take its results and hand it the next one, which on 2 busy cores
-# took 2.5-4 ms per batch (batches of 4 served 5-7% fewer images per second than batches
+# took 2.5-4 ms per batch (batches of 4 served 4-7% fewer images per second than batches
 # of 8, which time alike offline).
 BATCH_OVERHEAD_S = 0.003
 # Calls in a row per thread when calls are timed side by side: the first of them may
@@ -32,14 +32,15 @@ def batch_shapes(max_batch_size: int) -> list[int]:
 def choose_batch_size(
     scores: dict[int, float], share: float = TUNE_SHARE, previous: int | None = None
 ) -> int:
-    """The smallest batch size reaching ``share`` of the best score: a bigger batch would
-    add latency for almost no throughput. ``previous``, the size an earlier start chose,
-    is kept while it reaches ``share``: sizes that serve alike measure in a different
-    order from one start to the next, and a restart should not change what serves."""
+    """The batch size with the best score: the one that serves most, once the cost of
+    serving each batch is counted (see ``serving_scores``). ``previous``, the size an
+    earlier start chose, is kept while it reaches ``share`` of the best: sizes that serve
+    alike measure in a different order from one start to the next, and a restart should
+    not change what serves."""
     best = max(scores.values())
     if previous in scores and scores[previous] >= share * best:
         return previous
-    return min(size for size, score in scores.items() if score >= share * best)
+    return min(size for size, score in scores.items() if score == best)
 
 
 def time_rounds(
