@@ -336,7 +336,7 @@ class ImageModel:
                 {
                     key: value
                     for key, value in self.describe().items()
-                    if not key.endswith(("_reason", "_speedup"))
+                    if not key.endswith(("_reason", "_speedup", "channels_last"))
                 },
                 getattr(backend, "model_path", Path()).name,
                 self.concurrency,
