@@ -39,23 +39,15 @@ class Int8Recipe:
     """How the weights are quantised, for the int8 kernels of one kind of CPU."""
 
     name: str
-    why: str
     # 7-bit weights wherever ONNX Runtime multiplies with vpmaddubsw, and the first
     # convolution kept in float32: see int8_recipe.
     seven_bit_gemm: bool
 
 
-FULL_RANGE = Int8Recipe(
-    "full-range",
-    "its int8 kernels add products in 32 bits (VNNI, AMX or Arm), so 8-bit weights are exact",
-    seven_bit_gemm=False,
-)
-SEVEN_BIT_GEMM = Int8Recipe(
-    "7-bit-gemm",
-    "an x86 CPU without VNNI, whose int8 kernels add pairs of uint8 x int8 products in "
-    "16 bits that full-range weights overflow",
-    seven_bit_gemm=True,
-)
+# For kernels that add products in 32 bits (VNNI, AMX, Arm): 8-bit weights are exact.
+FULL_RANGE = Int8Recipe("full-range", seven_bit_gemm=False)
+# For x86 without VNNI, whose kernels add pairs of products in 16 bits.
+SEVEN_BIT_GEMM = Int8Recipe("7-bit-gemm", seven_bit_gemm=True)
 
 
 def int8_recipe(capabilities: Mapping[str, Any] | None = None) -> Int8Recipe:
