@@ -65,25 +65,30 @@ class Admission:
         self._seconds_per_item.add(seconds / size)
         self._seconds_per_batch.add(seconds)
 
+    def _work_ahead(self, ahead: int) -> float | None:
+        """Seconds the model needs for ``ahead`` items at the recent pace, shared by the
+        batches computing at once; None before anything was measured."""
+        per_item = self.seconds_per_item
+        return None if per_item is None else ahead * per_item / self.concurrency
+
     def expected_wait(self, ahead: int, ready_in: float = 0.0) -> float | None:
         """Seconds until an item with ``ahead`` items before it has its result, if it is
         ready for the model in ``ready_in`` seconds: the model computes the items ahead
-        at the recent pace (shared by the batches computing at once) meanwhile, then the
-        item's own batch, which a lone item waits out in full. None before anything was
-        measured."""
-        per_item, per_batch = self.seconds_per_item, self.seconds_per_batch
-        if per_item is None or per_batch is None:
+        meanwhile, then the item's own batch, which a lone item waits out in full. None
+        before anything was measured."""
+        work, per_batch = self._work_ahead(ahead), self.seconds_per_batch
+        if work is None or per_batch is None:
             return None
-        return max(ready_in, ahead * per_item / self.concurrency) + per_batch
+        return max(ready_in, work) + per_batch
 
     def margin(self, ahead: int) -> float:
         """How far a wait with ``ahead`` items before it may plausibly run over its
         estimate (see SPREADS_OF_MARGIN)."""
-        per_item, per_batch = self.seconds_per_item, self.seconds_per_batch
+        work, per_batch = self._work_ahead(ahead), self.seconds_per_batch
         spread = self._spread.value
-        if per_item is None or per_batch is None or spread is None or per_batch <= 0:
+        if work is None or per_batch is None or spread is None or per_batch <= 0:
             return 0.0
-        batches = ahead * per_item / self.concurrency / per_batch  # in a row, per worker
+        batches = work / per_batch  # in a row, per worker
         return SPREADS_OF_MARGIN * spread * math.sqrt(batches + 1)
 
     def check(self, deadline: float | None, ahead: int, now: float, ready_in: float = 0.0) -> None:

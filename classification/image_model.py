@@ -313,9 +313,13 @@ class ImageModel:
             report["memory_format_ms"] = self._choose_memory_format(min(max_batch_size, 4))
         report["decode_seconds_per_item"] = self._decode_seconds()
         run = forward_random(self.backend)
-        for size in batch_shapes(max_batch_size):
-            run(size)  # each shape, on the session a call alone uses
-        side_by_side = getattr(self.backend, "side_by_side", contextlib.nullcontext)
+        side_by_side = getattr(self.backend, "side_by_side", None)
+        if side_by_side is None:
+            side_by_side = contextlib.nullcontext
+        else:
+            # Tuning runs on the single-threaded session; a call alone uses the other.
+            for size in batch_shapes(max_batch_size):
+                run(size)
         with side_by_side():
             report |= tune_batch_size(
                 run,

@@ -19,8 +19,8 @@ TUNE_ROUNDS = 3
 # took 2.5-4 ms per batch (batches of 4 served 4-7% fewer images per second than batches
 # of 8, which time alike offline).
 BATCH_OVERHEAD_S = 0.003
-# Calls in a row per thread when calls are timed side by side: the first of them may
-# start alone, and a call that runs alone takes every thread (see OnnxBackend).
+# Calls in a row per thread when calls are timed side by side, so that the threads'
+# calls overlap as they do under load rather than only starting together.
 STREAM_CALLS = 2
 
 
