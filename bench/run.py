@@ -32,7 +32,7 @@ import offline
 import report
 from servers import CONCURRENCY, PEERS, ROOT, load, run_levels, start, stop_all
 
-from classification import Classifier, ClassifyInput, load_model
+from classification import Classifier, load_model
 from classification.backend import seconds_per_batch
 from harness import calibration
 from harness.server import free_port, wait_ready
@@ -105,43 +105,11 @@ def offline_limits(images: list[Path], cache_dir: Path) -> dict[str, Any]:
         "float32": offline.physical_limit(float32, decode_ms),
         "int8": offline.physical_limit(classifiers["onnxruntime int8"], decode_ms),
     }
-    result["int8_agreement"] = agreement(float32, classifiers["onnxruntime int8"], images)
     result["recipes"] = offline.recipes(float32, cache_dir)
     auto = Classifier(model, backend="onnxruntime", precision="auto", threads=threads)
     result["default_precision"] = auto.precision
     result["default_precision_reason"] = auto.precision_reason
     return result
-
-
-def agreement(float32: Classifier, int8: Classifier, images: list[Path]) -> dict[str, Any]:
-    """Top-1 agreement between float32 and int8 on the benchmark's photos and, when the
-    folder is there, on the 200 labelled photos of ../shared/calibration (with each one's
-    top-1 accuracy)."""
-
-    def top1(classifier: Classifier, paths: list[Path]) -> list[int]:
-        batch = [
-            ClassifyInput(classifier.prepare(p.read_bytes(), max_pixels=10**9), 1) for p in paths
-        ]
-        return [scores[0].class_id for scores in classifier.predict(batch)]
-
-    result: dict[str, Any] = {}
-    a, b = top1(float32, images), top1(int8, images)
-    result["bench_photos"] = {"images": len(images), "agreement": same(a, b)}
-    shared = calibration.photos()
-    if shared:
-        truth = calibration.true_classes(shared, float32.labels)
-        a, b = top1(float32, shared), top1(int8, shared)
-        result["shared_photos"] = {
-            "images": len(shared),
-            "agreement": same(a, b),
-            "top1_float32": same(a, truth),
-            "top1_int8": same(b, truth),
-        }
-    return result
-
-
-def same(a: list[int], b: list[int]) -> float:
-    return round(sum(x == y for x, y in zip(a, b, strict=True)) / len(a), 4)
 
 
 def overload(images: Path, logs: Path, duration: float) -> dict[str, Any]:
