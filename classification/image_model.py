@@ -53,12 +53,14 @@ class Int8NotFaster(Exception):
 _SAMPLE_IMAGE = Path(__file__).parent / "data" / "sample.jpg"
 _AGREEMENT_TOLERANCE = 1e-4
 # The photos int8 must agree with float32 on, with their mirror images (see _check_int8).
-# The default model's largest probability difference is 0.06 on these and 0.20 on the
-# 200 calibration photos; a model whose ranges are wrong is off by far more.
+# The default model's largest probability difference on these is 0.06 with full-range
+# weights and 0.100 with 7-bit ones (measured on an Intel Xeon and an AMD EPYC, and the
+# same under an emulated AVX2 CPU), and 0.20 on the 200 calibration photos with either.
+# A model whose ranges are wrong, or whose sums overflow, is off by 0.5 and more.
 _CHECK_PHOTOS = [
     Path(__file__).parent / "data" / name for name in ("sample.jpg", "coffee.jpg", "rocket.jpg")
 ]
-INT8_TOLERANCE = 0.1
+INT8_TOLERANCE = 0.15
 # PRECISION=auto serves int8 only when the model alone runs at least this much faster
 # than float32 at INT8_TIMING_BATCH: decoding costs the same in both, so the whole server
 # gains less than the model.
