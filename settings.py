@@ -163,6 +163,12 @@ class Settings(BaseSettings):
                 f" WORKERS={self.workers} processes, so another worker would answer 404 for"
                 " it; set JOB_STORE=redis and REDIS_URL, or WORKERS=1"
             )
+        if self.job_store == "memory" and self.max_requests > 0:
+            return (
+                f"jobs are disabled: JOB_STORE=memory keeps jobs in the worker's memory, and"
+                f" MAX_REQUESTS={self.max_requests} restarts the worker, losing them; set"
+                " JOB_STORE=redis and REDIS_URL, or MAX_REQUESTS=0"
+            )
         return None
 
     @property

@@ -7,7 +7,7 @@ import json
 from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 
-from api.json_pieces import loads_in_pieces
+from api.json_pieces import TooManyItems, TooManyValues, loads_in_pieces
 from serving import InputError, Payload
 
 # One file, and a few small text fields at most.
@@ -25,16 +25,41 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-# A body this small parses in well under a millisecond: not worth a thread.
+# A body this small parses in well under a millisecond, into a few megabytes at most:
+# not worth a thread.
 PARSE_INLINE_BYTES = 256 * 1024
+# A larger body may hold one JSON value per 4 bytes, and a million at most. A value can
+# cost 70 bytes as a Python object (``{}`` is 64), so a body parses into its size again
+# (its strings) plus 70 MB at most, however it is made.
+JSON_BYTES_PER_VALUE = 4
+MAX_JSON_VALUES = 1_000_000
 
 
-async def _json_body(request: Request, how_to_send: str) -> object:
+def max_json_values(nbytes: int) -> int:
+    return min(MAX_JSON_VALUES, 1024 + nbytes // JSON_BYTES_PER_VALUE)
+
+
+async def _json_body(request: Request, how_to_send: str, max_items: int | None = None) -> object:
+    """The parsed body. Stops at an array of more than ``max_items`` (413, naming
+    MAX_JOB_FILES) or too many values (413)."""
     body = await request.body()
     try:
         if len(body) <= PARSE_INLINE_BYTES:
             return json.loads(body)
-        return await asyncio.to_thread(loads_in_pieces, body)
+        limits = {"max_items": max_items, "max_values": max_json_values(len(body))}
+        return await asyncio.to_thread(loads_in_pieces, body, **limits)
+    except TooManyItems as exc:
+        raise HTTPException(
+            413, f"more than {exc.limit} items; a job takes at most {exc.limit} (MAX_JOB_FILES)"
+        ) from None
+    except TooManyValues as exc:
+        raise HTTPException(
+            413,
+            f"the JSON body holds more than {exc.limit} values (one per"
+            f" {JSON_BYTES_PER_VALUE} bytes, {MAX_JSON_VALUES} at most): send fewer values",
+        ) from None
+    except RecursionError:
+        raise HTTPException(400, f"the JSON body is nested too deeply: {how_to_send}") from None
     except (ValueError, UnicodeDecodeError):
         raise HTTPException(400, f"the body is not valid JSON: {how_to_send}") from None
 
@@ -76,7 +101,7 @@ async def read_job_payloads(
     if media_type == "multipart/form-data":
         items = await _read_job_multipart(request, max_files)
     elif media_type == "application/json":
-        payload = await _json_body(request, how_to_send)
+        payload = await _json_body(request, how_to_send, max_files)
         values = payload.get(field) if isinstance(payload, dict) else None
         if not isinstance(values, list):
             raise HTTPException(422, f'JSON field "{field}" (a list) is missing: {how_to_send}')

@@ -45,6 +45,10 @@ HEAD_BYTES = 8192
 # hold ends: those parked around the same time are judged in one pass of the loop, where
 # waking each alone would cost a pass (and cold caches) per refusal.
 WAKE_STEP_S = 0.1
+# A waiting request is dropped in the kernel this much at a time; one whose declared body
+# has more digits than this is read the normal way (and refused 413 there).
+DROP_CHUNK = 1 << 20
+MAX_DROP_DIGITS = 12
 # recv flags, as a plain int (or-ing the enums costs more than the call).
 _DROP = int(socket.MSG_TRUNC | socket.MSG_DONTWAIT)
 
@@ -283,7 +287,8 @@ class AdmissionProtocol(HttpToolsProtocol):
         sock = self._socket()
         try:
             while count:
-                dropped = len(sock.recv(count, _DROP))
+                # recv allocates the size asked for, even for bytes it drops.
+                dropped = len(sock.recv(min(count, DROP_CHUNK), _DROP))
                 if not dropped:
                     break
                 count -= dropped
@@ -319,6 +324,7 @@ class AdmissionProtocol(HttpToolsProtocol):
             not head.complete
             or head.repeated
             or not length.isdigit()
+            or len(length) > MAX_DROP_DIGITS  # a body this large is the normal way's 413
             or b"transfer-encoding" in headers
             or b"expect" in headers
             or b"upgrade" in headers
@@ -358,7 +364,11 @@ class AdmissionProtocol(HttpToolsProtocol):
             self._judge_held()
         if self._park_timer is not None:
             self._unpark(resume=False)
-            self._refuse_waiting(closing=True)
+            try:
+                self._refuse_waiting(closing=True)
+            except Exception:  # one connection must not stop the server's shutdown
+                self.logger.exception("A parked connection failed at shutdown; closing it.")
+                self.transport.close()
             return
         super().shutdown()
 

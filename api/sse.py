@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 
 from jobs import JobEvent, JobStore, StoreUnavailable
 
+LIVE = ("queued", "running")
+
 
 def encode(event: JobEvent) -> str:
     return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.data)}\n\n"
@@ -24,8 +26,8 @@ async def job_events(
     event tells the client to reconnect elsewhere. Leaves nothing behind when the client
     goes away."""
     feed = store.feed
-    sent = after
-    read_from = max(after - 1, 0)  # the event at ``after`` itself, to tell if it was final
+    sent = await _resume_point(store, job_id, after) if after > 0 else 0
+    read_from = max(sent - 1, 0)  # the event at ``sent`` itself, to tell if it was final
     while True:
         watch = feed.watch(job_id)
         try:
@@ -49,3 +51,19 @@ async def job_events(
                 yield ": heartbeat\n\n"
         finally:
             feed.forget(job_id, watch)
+
+
+async def _resume_point(store: JobStore, job_id: str, after: int) -> int:
+    """The last event a client that saw event ``after`` has: ``after``, or for an id
+    past the job's last event, that last event (so that a finished job's final event is
+    sent again and the stream closes, rather than waiting for an event that will never
+    come)."""
+    try:
+        job = await store.get(job_id)
+    except StoreUnavailable:
+        return after
+    if job is None:
+        return after
+    # Events are numbered from 1: a progress event per finished item, then the final one.
+    last: int = job["progress"]["done"] + (job["status"] not in LIVE)
+    return min(after, last)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from batching import BatcherClosed
+from batching import BatcherClosed, QueueFull
 from jobs import (
     HandBack,
     ItemResult,
@@ -165,11 +165,20 @@ class Engine:
             raise NotReady(
                 f"this replica does not serve task {item.task!r}: give every replica the same TASKS"
             )
-        try:
-            result: ItemResult = await service.run_job_item(data)
-        except BatcherClosed as exc:
-            raise HandBack(str(exc)) from exc
-        return result
+        wait = JOB_ROOM_WAIT_S
+        while True:
+            try:
+                result: ItemResult = await service.run_job_item(data)
+            except BatcherClosed as exc:
+                raise HandBack(str(exc)) from exc
+            except QueueFull:
+                # No room now: interactive traffic is busy. The item waits, never fails.
+                if self.stopping.is_set():
+                    raise HandBack("stopping while the queue was full") from None
+                await asyncio.sleep(wait)
+                wait = min(2 * wait, 1.0)
+                continue
+            return result
 
     def begin_shutdown(self) -> None:
         """Turns readiness off so load balancers move away, ends event streams and takes

@@ -167,7 +167,9 @@ class TaskService:
     async def _decode(
         self, payload: Payload, options: BaseModel, deadline: float | None, bulk: bool
     ) -> Any:
-        if self._decoding >= self.settings.max_queue_size:
+        # Job items are bounded by JOB_CONCURRENCY, not by the interactive backlog: a
+        # burst of uploads must not fail them.
+        if not bulk and self._decoding_interactive >= self.settings.max_queue_size:
             self.decode_rejected_full += 1
             raise QueueFull("too many requests are waiting to be decoded")
         interactive = 0 if bulk else 1

@@ -366,6 +366,33 @@ async def test_a_client_back_before_retry_after_is_refused_without_reading_its_b
     assert spy.paths == ["/health/live", "/health/live"]
 
 
+@pytest.mark.parametrize("length", [b"1" + b"0" * 18, b"9" * 5000])
+@pytest.mark.parametrize("stopping", [False, True])
+async def test_a_parked_connection_declaring_a_huge_body_is_answered_without_error(
+    caplog: pytest.LogCaptureFixture, length: bytes, stopping: bool
+) -> None:
+    spy = Spy(create_app(Settings(tasks="tests.test_tasks_e2e:Square", timeout=1e-6)))
+    head = b"POST /square HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    huge = head + b"Content-Length: " + length + b"\r\n\r\n" + b'{"x": 2}'
+    with caplog.at_level(logging.INFO):
+        async with serve(spy) as url:
+            reader, writer = await connect(url)
+            writer.write(post(b'{"x": 2}'))
+            assert (await answer(reader))[0] == 503
+            writer.write(huge)  # back at once: it waits, parked, for its hold to end
+            await writer.drain()
+            if not stopping:
+                status, _, _ = await answer(reader)
+                assert status in (400, 413, 503)  # 400: httptools refuses the length
+                writer.close()
+        if stopping:  # the server stopped while it waited: answered or closed, cleanly
+            rest = await reader.read()
+            assert rest == b"" or rest.split(b" ")[1] in (b"400", b"413", b"503"), rest[:100]
+            writer.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
 class Backlogged(Square):
     """Square, with a warm-up that reports 1.5 s per batch of one: with TIMEOUT=1, every
     request is refused, with a Retry-After of 2 s."""

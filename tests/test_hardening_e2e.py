@@ -1,0 +1,169 @@
+"""Bad and unlucky input against a real server: each request's memory is bounded, every
+refusal is a fast 4xx or 503 with a JSON detail, and the server keeps serving."""
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from harness.server import GUNICORN, Server, running_server
+from tests.images import TOP1, photo_bytes
+from tests.test_jobs_e2e import photos, poll_until_finished, read_events, submit
+
+MB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("hardening") / "server.log"
+    with running_server({"MAX_BATCH_SIZE": "8", "SSE_HEARTBEAT_S": "0.5"}, log) as server:
+        yield server
+
+
+class PeakMemory:
+    """The server's peak resident memory over a block, from /proc: the peak is reset
+    (clear_refs 5) on entry, and ``grew`` is how far it rose above the resident memory
+    then."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.grew = 0
+
+    def _kib(self, field: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def __enter__(self) -> "PeakMemory":
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        self.start = self._kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.grew = self._kib("VmHWM") * 1024 - self.start
+
+
+def still_serves(server: Server) -> None:
+    files = {"file": ("coffee.jpg", photo_bytes("coffee"))}
+    response = httpx.post(f"{server.url}/cls", files=files, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["prediction"]["label"] in TOP1["coffee"]
+
+
+def post_json(server: Server, path: str, body: bytes) -> httpx.Response:
+    headers = {"content-type": "application/json"}
+    return httpx.post(f"{server.url}{path}", content=body, headers=headers, timeout=60)
+
+
+# 1. A JSON body of many tiny values is refused before it becomes gigabytes of objects.
+
+
+def test_a_json_job_of_millions_of_tiny_items_stops_at_max_job_files(server: Server) -> None:
+    body = b'{"images": [' + b"{}," * (20 * MB) + b"{}]}"  # 60 MiB, 21 million items
+    with PeakMemory(server.process.pid) as peak:
+        response = post_json(server, "/jobs", body)
+    assert response.status_code == 413, response.text
+    assert "MAX_JOB_FILES" in response.json()["detail"]
+    # The body arrives in pieces and is joined once, then decoded: three times its size
+    # at most. Parsed whole, it was about 1.7 GB of dicts.
+    assert peak.grew < 4 * len(body), (peak.grew, len(body))
+    still_serves(server)
+
+
+@pytest.mark.parametrize("path", ["/jobs", "/cls"])
+def test_one_item_of_millions_of_tiny_values_is_refused(server: Server, path: str) -> None:
+    inner = b"[" + b"{}," * (3 * MB) + b"{}]"  # 9 MiB: fits /cls's MAX_UPLOAD_BYTES
+    body = b'{"images": [' + inner + b"]}" if path == "/jobs" else b'{"image": ' + inner + b"}"
+    with PeakMemory(server.process.pid) as peak:
+        response = post_json(server, path, body)
+    assert response.status_code == 413, response.text
+    assert "values" in response.json()["detail"]
+    assert peak.grew < 4 * len(body) + 80 * MB, (peak.grew, len(body))
+    still_serves(server)
+
+
+def test_a_large_json_job_of_photos_is_still_taken(server: Server) -> None:
+    photo = base64.b64encode(photo_bytes("rocket")).decode()
+    body = json.dumps({"images": [photo] * 8}).encode()  # past the inline parse's size
+    response = post_json(server, "/jobs", body)
+    assert response.status_code == 202, response.text
+    assert response.json()["total"] == 8
+
+
+# 8. JSON nested deeper than the interpreter's stack is a 400, not a 500.
+
+
+@pytest.mark.parametrize("pad", [0, 400_000])
+@pytest.mark.parametrize("path", ["/jobs", "/cls"])
+def test_deeply_nested_json_is_a_400(server: Server, path: str, pad: int) -> None:
+    # 200 KB is parsed on the event loop, 600 KB in pieces in a thread: both ways.
+    nested = b"[" * 100_000 + b"]" * 100_000
+    body = b'{"pad": "' + b"x" * pad + b'", "images": [' + nested + b"]}"
+    response = post_json(server, path, body)
+    assert response.status_code == 400, response.text
+    assert "nested too deeply" in response.json()["detail"]
+    still_serves(server)
+
+
+# 5. A job item waits for room in the queues; it never fails because /cls was busy.
+
+
+def test_job_items_wait_out_a_flood_of_uploads(tmp_path: Path) -> None:
+    env = {"MAX_BATCH_SIZE": "4", "MAX_QUEUE_SIZE": "2", "JOB_CONCURRENCY": "4"}
+    with running_server(env, tmp_path / "server.log") as server:
+        flooding = threading.Event()
+        answers: list[int] = []
+
+        def flood() -> None:
+            files = {"file": ("coffee.jpg", photo_bytes("coffee"))}
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                while not flooding.is_set():
+                    answers.append(client.post("/cls", files=files).status_code)
+
+        threads = [threading.Thread(target=flood) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        try:
+            job = submit(server, photos(["rocket", "coffee"] * 8))
+            final = poll_until_finished(server, job["job_id"])[-1]
+        finally:
+            flooding.set()
+            for thread in threads:
+                thread.join()
+    assert final["progress"] == {"done": 16, "failed": 0, "total": 16}, final["results"]
+    assert 503 in answers  # the queues were full while the job ran
+    assert set(answers) <= {200, 503}
+
+
+# 11. A client resuming past a finished job's last event gets the final event at once.
+
+
+def test_resuming_past_the_last_event_replays_the_final_one(server: Server) -> None:
+    job = submit(server, photos(["coffee"]))
+    assert poll_until_finished(server, job["job_id"])[-1]["status"] == "succeeded"
+    started = time.monotonic()
+    events = read_events(server, job["job_id"], last_event_id="999")
+    assert [(event_id, kind) for event_id, kind, _ in events] == [("2", "done")]
+    assert time.monotonic() - started < 5  # heartbeats come every 0.5 s: it did not wait
+
+
+# 12. Jobs in a worker's memory would be lost each time MAX_REQUESTS recycles it.
+
+
+def test_memory_jobs_are_refused_when_workers_are_recycled(tmp_path: Path) -> None:
+    env = {"MAX_REQUESTS": "10000", "MAX_BATCH_SIZE": "8"}
+    with running_server(env, tmp_path / "server.log", command=GUNICORN) as server:
+        files = [("files", ("coffee.jpg", photo_bytes("coffee")))]
+        response = httpx.post(f"{server.url}/jobs", files=files, timeout=30)
+        assert response.status_code == 503
+        detail = response.json()["detail"]
+        assert "MAX_REQUESTS=10000" in detail
+        assert "JOB_STORE=redis" in detail
+        assert "jobs are disabled" in server.output()
+        still_serves(server)
