@@ -92,6 +92,9 @@ class Settings(BaseSettings):
         1024 * 1024 * 1024, ge=1, description="Bytes of job images waiting, all replicas."
     )
     job_ttl_s: float = Field(3600.0, ge=1, description="A finished job is kept this long.")
+    max_finished_job_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="What finished jobs keep, all replicas; oldest go."
+    )
     job_concurrency: int = Field(
         0, ge=0, description="Job items in flight at once; 0: 4 on CPU, 2 batches on CUDA."
     )

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from batching import BatcherClosed, DeadlineExceeded, QueueFull
-from jobs import StoreFull, StoreUnavailable
+from jobs import IdempotencyConflict, StoreFull, StoreUnavailable
 from serving import InferenceFailed, InputError, NotReady
 
 
@@ -33,6 +33,7 @@ RETRY_AFTER_S = 1
 _MAPPING: list[tuple[type[Exception], int, str]] = [
     (BodyTooLarge, 413, ""),
     (InputError, 400, ""),
+    (IdempotencyConflict, 422, "; send a new Idempotency-Key for new items"),
     (QueueFull, 503, "; the server is at capacity, retry after the Retry-After seconds"),
     (StoreFull, 503, "; wait for running jobs to finish, retry after the Retry-After seconds"),
     (StoreUnavailable, 503, "; jobs are unavailable for now, /cls still works; retry later"),

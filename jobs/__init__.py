@@ -4,11 +4,20 @@ from jobs.memory import MemoryJobStore
 from jobs.models import ItemResult, JobEvent, JobStatus, WorkItem
 from jobs.redis_store import RedisJobStore
 from jobs.runner import HandBack, JobRunner
-from jobs.store import ChangeFeed, JobStore, StoreFull, StoreLimits, StoreUnavailable
+from jobs.store import (
+    ChangeFeed,
+    IdempotencyConflict,
+    JobStore,
+    StoreFull,
+    StoreLimits,
+    StoreUnavailable,
+    content_digest,
+)
 
 __all__ = [
     "ChangeFeed",
     "HandBack",
+    "IdempotencyConflict",
     "ItemResult",
     "JobEvent",
     "JobRunner",
@@ -20,4 +29,5 @@ __all__ = [
     "StoreLimits",
     "StoreUnavailable",
     "WorkItem",
+    "content_digest",
 ]

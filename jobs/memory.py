@@ -3,7 +3,7 @@
 import asyncio
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,7 +18,15 @@ from jobs.models import (
     completion_status,
     now_iso,
 )
-from jobs.store import CancelCallback, ChangeFeed, StoreLimits
+from jobs.store import (
+    JOB_KEPT_BYTES,
+    CancelCallback,
+    ChangeFeed,
+    IdempotencyConflict,
+    StoreLimits,
+    kept_bytes,
+    scoped_key,
+)
 
 
 @dataclass(eq=False)
@@ -34,6 +42,8 @@ class _Job:
     done: int = 0
     failed: int = 0
     idempotency_key: str | None = None
+    digest: str = ""
+    kept: int = JOB_KEPT_BYTES
     results: list[ItemResult | None] = field(default_factory=list)
     events: list[JobEvent] = field(default_factory=list)
 
@@ -64,8 +74,8 @@ class _Job:
 
 
 class MemoryJobStore:
-    """Holds live jobs within ``limits``; a finished job stays readable for ``ttl_s``
-    and does not count against them."""
+    """Holds live jobs within ``limits``; a finished job stays readable for ``ttl_s``,
+    or until finished jobs keep more than ``limits.max_finished_bytes``."""
 
     def __init__(
         self,
@@ -80,6 +90,9 @@ class MemoryJobStore:
         self._clock = clock
         self._jobs: dict[str, _Job] = {}
         self._by_key: dict[str, str] = {}
+        # Finished jobs, oldest first: they expire in this order.
+        self._finished: OrderedDict[str, _Job] = OrderedDict()
+        self.finished_bytes = 0
         self._work: deque[WorkItem] = deque()
         self._data: dict[str, dict[int, bytes]] = {}
         self._work_added: asyncio.Event | None = None
@@ -105,19 +118,23 @@ class MemoryJobStore:
         items: Sequence[bytes | ItemResult],
         idempotency_key: str | None = None,
         task: str = "",
+        digest: str = "",
     ) -> tuple[dict[str, Any], bool]:
         self._expire()
-        if idempotency_key is not None and (known := self._by_key.get(idempotency_key)):
+        key = None if idempotency_key is None else scoped_key(task, idempotency_key)
+        if key is not None and (known := self._by_key.get(key)):
+            if self._jobs[known].digest != digest:
+                raise IdempotencyConflict(known)
             return self._jobs[known].summary(), False
         images = [(i, item) for i, item in enumerate(items) if isinstance(item, bytes)]
         nbytes = sum(len(data) for _, data in images)
         self._check_room(len(images), nbytes)
-        job = _Job(total=len(items), task=task, idempotency_key=idempotency_key)
+        job = _Job(total=len(items), task=task, idempotency_key=key, digest=digest)
         job.results = [None] * job.total
         summary = job.summary()
         self._jobs[job.id] = job
-        if idempotency_key is not None:
-            self._by_key[idempotency_key] = job.id
+        if key is not None:
+            self._by_key[key] = job.id
         self.live_jobs += 1
         self.queued_items += len(images)
         self.queued_bytes += nbytes
@@ -199,6 +216,7 @@ class MemoryJobStore:
         if job.results[index] is not None:
             return
         job.results[index] = result
+        job.kept += kept_bytes(result)
         job.done += 1
         job.failed += 0 if ok else 1
         data = self._data.get(job.id, {}).pop(index, None)
@@ -213,11 +231,14 @@ class MemoryJobStore:
         job.status = status
         job.finished_at = now_iso()
         job.expires_at = self._clock() + self.ttl_s
+        self._finished[job.id] = job
+        self.finished_bytes += job.kept
         self.live_jobs -= 1
         left = self._data.pop(job.id, {})
         self._unqueue(len(left), sum(len(data) for data in left.values()))
         job.emit(FINAL_EVENT[status], {"status": status.value, **job.progress()})
         self.feed.notify(job.id)
+        self._expire()
 
     def _unqueue(self, items: int, nbytes: int) -> None:
         self.queued_items -= items
@@ -232,14 +253,17 @@ class MemoryJobStore:
         return self._jobs.get(job_id)
 
     def _expire(self) -> None:
+        """Forgets finished jobs past their time, and the oldest beyond the budget."""
         now = self._clock()
-        expired = [
-            job
-            for job in self._jobs.values()
-            if job.expires_at is not None and now >= job.expires_at
-        ]
-        for job in expired:
+        while self._finished:
+            job = next(iter(self._finished.values()))
+            assert job.expires_at is not None
+            over = self.finished_bytes > self.limits.max_finished_bytes and len(self._finished) > 1
+            if now < job.expires_at and not over:
+                break
+            del self._finished[job.id]
             del self._jobs[job.id]
+            self.finished_bytes -= job.kept
             if job.idempotency_key is not None:
                 self._by_key.pop(job.idempotency_key, None)
 

@@ -27,7 +27,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from jobs.models import ItemResult, JobEvent, JobStatus, WorkItem, now_iso
-from jobs.store import CancelCallback, ChangeFeed, StoreLimits, StoreUnavailable
+from jobs.store import (
+    JOB_KEPT_BYTES,
+    CancelCallback,
+    ChangeFeed,
+    IdempotencyConflict,
+    StoreLimits,
+    StoreUnavailable,
+    scoped_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +44,9 @@ GROUP = "replicas"
 _UNCLAIMED_DATA_TTL_S = 600
 _LUA = Path(__file__).with_name("lua")
 _RUNNING_CACHE = 1024
+# A job's inputs, up to MAX_JOB_BYTES, are written with a longer timeout than the
+# commands that move only counts and ids.
+_BULK_TIMEOUT_S = 10.0
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -88,12 +99,17 @@ class RedisJobStore:
         self.feed = ChangeFeed()
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._redis = _client(url, timeout_s)
+        self._bulk = _client(url, max(_BULK_TIMEOUT_S, 10 * timeout_s))
         # Blocking reads and the subscription wait longer than a request may.
         self._blocking = _client(url, timeout_s + 2.0)
         self._listener_client = _client(url, None)
-        self._keys = [f"{prefix}:{name}" for name in ("live", "queued_items", "queued_bytes")]
-        self._keys.append(self.work_key)
-        common = (_LUA / "common.lua").read_text()
+        shared = ["live", "queued_items", "queued_bytes", "work"]
+        shared += ["finished", "finished_sizes", "finished_bytes"]
+        self._keys = [f"{prefix}:{name}" for name in shared]
+        common = (
+            f"local MAX_FINISHED_BYTES = {limits.max_finished_bytes}\n"
+            f"local JOB_KEPT_BYTES = {JOB_KEPT_BYTES}\n" + (_LUA / "common.lua").read_text()
+        )
         self._scripts = {
             name: self._redis.register_script(common + (_LUA / f"{name}.lua").read_text())
             for name in ("create", "take", "record", "begin", "cancel", "release")
@@ -124,7 +140,7 @@ class RedisJobStore:
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.wait([self._listener])
-        for client in (self._redis, self._blocking, self._listener_client):
+        for client in (self._redis, self._bulk, self._blocking, self._listener_client):
             await client.aclose()
 
     async def _ensure_group(self) -> None:
@@ -163,6 +179,7 @@ class RedisJobStore:
         items: Sequence[bytes | ItemResult],
         idempotency_key: str | None = None,
         task: str = "",
+        digest: str = "",
     ) -> tuple[dict[str, Any], bool]:
         job_id = uuid.uuid4().hex
         images = {i: item for i, item in enumerate(items) if isinstance(item, bytes)}
@@ -175,15 +192,15 @@ class RedisJobStore:
         if images:
             data_key = f"{self._job_key(job_id)}:data"
             await (
-                self._redis.pipeline(transaction=True)
+                self._bulk.pipeline(transaction=True)
                 .hset(data_key, mapping=images)
                 .expire(data_key, _UNCLAIMED_DATA_TTL_S)
                 .execute()
             )
         idem = ""
         if idempotency_key is not None:
-            digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
-            idem = f"{self.prefix}:idempotency:{digest}"
+            hashed = hashlib.sha256(scoped_key(task, idempotency_key).encode()).hexdigest()
+            idem = f"{self.prefix}:idempotency:{hashed}"
         nbytes = sum(len(data) for data in images.values())
         args: list[Any] = [
             self.prefix,
@@ -197,6 +214,7 @@ class RedisJobStore:
             idem,
             nbytes,
             task,
+            digest,
             len(images),
             *images,
             *errors,
@@ -206,6 +224,12 @@ class RedisJobStore:
             live, queued_items, queued_bytes = map(int, reply[1:])
             self.limits.check(live, queued_items, queued_bytes, len(images), nbytes)
             raise AssertionError(f"the create script refused a job that fits: {reply}")
+        if reply[0] == "conflict":
+            raise IdempotencyConflict(reply[1])
+        if reply[0] == "lost":
+            raise StoreUnavailable(
+                "the job store was too slow to answer and dropped this job's images"
+            )
         summary = {"job_id": reply[1], "status": reply[2], "total": int(reply[3])}
         return summary, reply[0] == "created"
 

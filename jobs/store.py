@@ -6,6 +6,8 @@ serves every worker and replica that points at the same Redis.
 """
 
 import asyncio
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,13 +27,49 @@ class StoreUnavailable(Exception):
     """The store cannot be reached or did not answer in time."""
 
 
+class IdempotencyConflict(Exception):
+    """An ``Idempotency-Key`` already names a job of this task with other content."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            f"this Idempotency-Key was already used for job {job_id}, whose items differ from"
+            " this request's"
+        )
+
+
+def content_digest(items: Sequence[bytes | ItemResult]) -> str:
+    """What a job's items hold, to tell a retried submission from a different one."""
+    digest = hashlib.sha256()
+    for item in items:
+        part = item if isinstance(item, bytes) else json.dumps(item, sort_keys=True).encode()
+        digest.update(len(part).to_bytes(8, "little") + part)
+    return digest.hexdigest()
+
+
+def kept_bytes(result: ItemResult) -> int:
+    """About what a finished item's result costs a store: the result, and its progress
+    event that repeats it."""
+    return 2 * len(json.dumps(result)) + 100
+
+
+# What a finished job costs a store besides its results: its record and final event.
+JOB_KEPT_BYTES = 500
+
+
+def scoped_key(task: str, idempotency_key: str) -> str:
+    """An ``Idempotency-Key`` names a job within one task's routes."""
+    return f"{task}\0{idempotency_key}"
+
+
 @dataclass(frozen=True, slots=True)
 class StoreLimits:
-    """What all replicas together may hold: live jobs, and their images still queued."""
+    """What all replicas together may hold: live jobs, their images still queued, and
+    about how many bytes finished jobs keep (the oldest go first beyond it)."""
 
     max_jobs: int
     max_items: int
     max_bytes: int
+    max_finished_bytes: int = 256 * 1024 * 1024
 
     def check(self, live: int, items: int, nbytes: int, new_items: int, new_bytes: int) -> None:
         """Raises StoreFull if a job of ``new_items`` images, ``new_bytes`` in all, does
@@ -129,11 +167,14 @@ class JobStore(Protocol):
         items: Sequence[bytes | ItemResult],
         idempotency_key: str | None = None,
         task: str = "",
+        digest: str = "",
     ) -> tuple[dict[str, Any], bool]:
         """Stores a job of ``items`` for ``task`` (inputs, or the error result of an item
         that could not be read) and queues its inputs. Returns its summary ``{"job_id",
         "status", "total"}`` and whether it was created: False when ``idempotency_key``
-        names a job already submitted. Raises StoreFull."""
+        names a job of ``task`` already submitted with the same ``digest`` (see
+        content_digest). Raises StoreFull, or IdempotencyConflict when the digests
+        differ."""
         ...
 
     async def get(self, job_id: str) -> dict[str, Any] | None:

@@ -33,12 +33,17 @@ logger = logging.getLogger(__name__)
 # collections in 11 s, 0.4 s of a core holding the GIL, and freed nothing: what a
 # request allocates goes when it ends, by reference counting.
 YOUNG_GC_THRESHOLD = 20_000
+# A job item that finds the queues full tries again after this, doubling up to a second.
+JOB_ROOM_WAIT_S = 0.05
 
 
 def open_job_store(settings: Settings) -> JobStore:
     """The store JOB_STORE names, with the limits that hold across all replicas."""
     limits = StoreLimits(
-        settings.max_jobs, settings.max_queued_job_items, settings.max_queued_job_bytes
+        settings.max_jobs,
+        settings.max_queued_job_items,
+        settings.max_queued_job_bytes,
+        settings.max_finished_job_bytes,
     )
     if settings.job_store == "redis":
         return RedisJobStore(

@@ -2,12 +2,14 @@
 redis-server) must behave the same, so they cannot drift."""
 
 import asyncio
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from jobs import (
+    IdempotencyConflict,
     JobStatus,
     JobStore,
     MemoryJobStore,
@@ -15,6 +17,7 @@ from jobs import (
     StoreFull,
     StoreLimits,
     WorkItem,
+    content_digest,
 )
 from tests.services import RedisServer, redis_server
 
@@ -36,6 +39,7 @@ def open_store(
     limits: StoreLimits = LIMITS,
     ttl_s: float = 60,
     prefix: str | None = None,
+    timeout_s: float = 2.0,
 ) -> JobStore:
     if kind == "memory":
         return MemoryJobStore(limits=limits, ttl_s=ttl_s)
@@ -45,7 +49,7 @@ def open_store(
         prefix=prefix or f"test-{uuid.uuid4().hex[:8]}",  # a fresh namespace per test
         limits=limits,
         ttl_s=ttl_s,
-        timeout_s=2.0,
+        timeout_s=timeout_s,
         claim_idle_s=0.3,
     )
 
@@ -200,6 +204,48 @@ async def test_an_idempotency_key_returns_the_same_job(store: JobStore) -> None:
     assert await store.take(5, 0.2) == []
 
 
+async def test_an_idempotency_key_is_scoped_to_the_task_and_the_items(store: JobStore) -> None:
+    photos = [b"a", b"b"]
+    first, _ = await store.create(photos, "k", "classify", content_digest(photos))
+    again, created = await store.create(photos, "k", "classify", content_digest(photos))
+    assert (again["job_id"], created) == (first["job_id"], False)
+    # The same key on another task's route is another job.
+    other, created = await store.create(photos, "k", "embed", content_digest(photos))
+    assert created
+    assert other["job_id"] != first["job_id"]
+    # With other items it is a mistake, not a retry.
+    for items in ([b"a", b"c"], [b"a"], [b"a", ERROR]):
+        with pytest.raises(IdempotencyConflict, match=first["job_id"]):
+            await store.create(items, "k", "classify", content_digest(items))
+
+
+async def test_finished_jobs_beyond_their_budget_are_forgotten_oldest_first(
+    request: pytest.FixtureRequest, store: JobStore
+) -> None:
+    kind = "redis" if isinstance(store, RedisJobStore) else "memory"
+    redis = request.getfixturevalue("redis_service") if kind == "redis" else None
+    # Each job of 10 unreadable items keeps about 2.3 KB: room for about four.
+    limits = StoreLimits(max_jobs=3, max_items=10, max_bytes=1000, max_finished_bytes=10_000)
+    small = open_store(kind, redis, limits)
+    await small.start()
+    try:
+        ids = [(await small.create([ERROR] * 10))[0]["job_id"] for _ in range(20)]
+        kept = [job_id for job_id in ids if await small.get(job_id) is not None]
+        assert 3 <= len(kept) <= 5, kept
+        assert kept == ids[-len(kept) :]
+        assert all([await small.events(job_id, 0) is None for job_id in ids[: -len(kept)]])
+        if isinstance(small, MemoryJobStore):
+            assert small.finished_bytes <= 10_000
+        else:
+            assert redis is not None
+            with redis.client() as client:
+                left = {key.decode() for key in client.keys(f"{small.prefix}:job:*")}
+                assert int(client.get(f"{small.prefix}:finished_bytes")) <= 10_000
+            assert all(key.split(":")[2] in kept for key in left), left
+    finally:
+        await small.close()
+
+
 async def test_released_items_are_handed_out_again_for_their_task(store: JobStore) -> None:
     summary, _ = await store.create([b"a", b"b"], task="embed")
     items = await take_all(store, 2)
@@ -251,12 +297,15 @@ async def test_finished_jobs_expire_after_the_ttl(
         assert await short.events(summary["job_id"], 0) is None
         if isinstance(short, RedisJobStore):
             assert redis is not None
+            # The next job to finish forgets the expired one in the finished-jobs index.
+            later, _ = await short.create([ERROR])
             with redis.client() as client:
                 left = {key.decode() for key in client.keys(f"{short.prefix}:*")}
                 assert client.xlen(short.work_key) == 0
-            # Only the shared work stream and counters stay; nothing of the job does.
-            shared = {f"{short.prefix}:{name}" for name in ("work", "queued_items", "queued_bytes")}
-            assert left <= shared, left
+                finished = client.zrange(f"{short.prefix}:finished", 0, -1)
+                assert [job_id.decode() for job_id in finished] == [later["job_id"]]
+            # Only the shared work stream, counters and index stay; nothing of the job does.
+            assert not any(summary["job_id"] in key for key in left), left
     finally:
         await short.close()
 
@@ -298,3 +347,48 @@ async def test_kept_alive_items_stay_and_silent_ones_are_taken_over(
     finally:
         for store in (working, other):
             await store.close()
+
+
+@pytest.mark.parametrize("key", [None, "retried"])
+async def test_a_create_retried_after_a_stall_runs_once(
+    redis_service: RedisServer, key: str | None
+) -> None:
+    """Redis stalls (stopped for 0.8 s, past the 0.5 s timeout) right after a job's inputs
+    are written: the client retries the create script, and Redis then runs it twice."""
+    store = open_store("redis", redis_service, timeout_s=0.5)
+    assert isinstance(store, RedisJobStore)
+    await store.start()
+    process = redis_service.process
+    assert process is not None
+    create = store._scripts["create"]
+    await store._redis.script_load(create.script)  # no NOSCRIPT round trip to count
+
+    async def stalled(**kwargs: object) -> object:
+        process.send_signal(signal.SIGSTOP)
+        asyncio.get_running_loop().call_later(0.8, process.send_signal, signal.SIGCONT)
+        return await create(**kwargs)
+
+    with redis_service.client() as client:
+        runs_before = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    try:
+        store._scripts["create"] = stalled
+        summary, created = await store.create([b"one", b"two"], key, digest="d")
+        store._scripts["create"] = create
+        assert created
+        with redis_service.client() as client:
+            runs = client.info("commandstats")["cmdstat_evalsha"]["calls"] - runs_before
+        assert runs == 2  # the retry happened, and both runs reached Redis
+        items = await take_all(store, 2)
+        assert sorted(item.data or b"" for item in items) == [b"one", b"two"]
+        for item in items:
+            await store.record(item, {"ok": 1}, ok=True)
+        job = await store.get(summary["job_id"])
+        assert job is not None
+        assert job["status"] == "succeeded"
+        with redis_service.client() as client:
+            counters = [client.get(name) for name in store._keys[1:3]]
+            assert counters == [b"0", b"0"]
+            assert client.scard(store._keys[0]) == 0
+    finally:
+        process.send_signal(signal.SIGCONT)
+        await store.close()

@@ -115,6 +115,26 @@ def test_options_input_errors_and_the_other_task(server: Server) -> None:
     assert cat.json()["prediction"]["label"] in TOP1["chelsea"]
 
 
+def test_an_idempotency_key_names_one_job_of_one_task_and_its_items(server: Server) -> None:
+    key = {"Idempotency-Key": "nightly-42"}
+    first = httpx.post(f"{server.url}/square/jobs", json={"inputs": [2, 3]}, headers=key)
+    again = httpx.post(f"{server.url}/square/jobs", json={"inputs": [2, 3]}, headers=key)
+    assert first.status_code == again.status_code == 202, (first.text, again.text)
+    assert again.json()["job_id"] == first.json()["job_id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    # The same key on another task's route is that task's own job.
+    files = [("files", ("coffee.jpg", photo_bytes("coffee")))]
+    other = httpx.post(f"{server.url}/cls/jobs", files=files, headers=key)
+    assert other.status_code == 202
+    assert "idempotent-replayed" not in other.headers
+    assert other.json()["job_id"] != first.json()["job_id"]
+    # Other items under the same key are a mistake, answered as one.
+    changed = httpx.post(f"{server.url}/square/jobs", json={"inputs": [2, 4]}, headers=key)
+    assert changed.status_code == 422
+    assert first.json()["job_id"] in changed.json()["detail"]
+    assert "new Idempotency-Key" in changed.json()["detail"]
+
+
 def test_a_job_of_the_task_completes(server: Server) -> None:
     response = httpx.post(f"{server.url}/square/jobs", json={"inputs": [2, UNLUCKY, "x", 4]})
     assert response.status_code == 202, response.text

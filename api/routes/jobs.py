@@ -12,7 +12,7 @@ from api.errors import describe
 from api.payloads import read_job_payloads
 from api.schemas import error_responses
 from api.sse import job_events
-from jobs import JobStatus, JobStore
+from jobs import JobStatus, JobStore, content_digest
 from serving import Engine, InputError, Payload
 from serving.service import pack_job_item
 
@@ -53,7 +53,8 @@ async def create_job(
     # Off the event loop: a JSON item is serialised again, up to MAX_JOB_BYTES in all.
     payload = await asyncio.to_thread(_pack, items)
     del items
-    job, created = await store.create(payload, idempotency_key, task)
+    digest = "" if idempotency_key is None else await asyncio.to_thread(content_digest, payload)
+    job, created = await store.create(payload, idempotency_key, task, digest)
     headers = {"Location": f"/jobs/{job['job_id']}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
@@ -72,7 +73,7 @@ JOB_ERRORS = error_responses(
         400: "Invalid JSON",
         413: "Over MAX_JOB_BYTES or MAX_JOB_FILES",
         415: "A content type that is not accepted",
-        422: "No items, or a malformed Idempotency-Key",
+        422: "No items, a malformed Idempotency-Key, or one already used with other items",
         503: "Jobs disabled or unavailable, too many jobs, or not ready; see Retry-After",
     }
 )

@@ -1,13 +1,15 @@
--- Shared by the scripts below, prepended to each. Per-job keys hang off the job's hash
--- key; KEYS holds the shared ones: 1 live set, 2 queued-items counter, 3 queued-bytes
--- counter, 4 work stream.
+-- Shared by the scripts below, prepended to each (after the limits the store sets:
+-- MAX_FINISHED_BYTES, JOB_KEPT_BYTES). Per-job keys hang off the job's hash key; KEYS
+-- holds the shared ones: 1 live set, 2 queued-items counter, 3 queued-bytes counter,
+-- 4 work stream, 5 finished jobs by time, 6 their sizes, 7 the sizes' sum.
 local LIVE, ITEMS, BYTES, WORK = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local FINISHED, FINISHED_SIZES, FINISHED_BYTES = KEYS[5], KEYS[6], KEYS[7]
 
 local function job_keys(prefix, id)
   local job = prefix .. ':job:' .. id
   return {
     job = job, results = job .. ':results', data = job .. ':data', events = job .. ':events',
-    changed = prefix .. ':changed', id = id,
+    changed = prefix .. ':changed', id = id, prefix = prefix,
   }
 end
 
@@ -22,6 +24,32 @@ local function emit(k, kind, data)
 end
 
 local FINAL_EVENT = {succeeded = 'done', failed = 'failed', cancelled = 'cancelled'}
+
+-- Forgets finished jobs: those whose keys expired, then the oldest while finished jobs
+-- keep more than MAX_FINISHED_BYTES (never the newest). A bounded amount per call.
+local function trim_finished(prefix, now_us, ttl)
+  local gone = redis.call('ZRANGEBYSCORE', FINISHED, '-inf', now_us - ttl * 1e6, 'LIMIT', 0, 100)
+  for _, id in ipairs(gone) do
+    redis.call('DECRBY', FINISHED_BYTES, tonumber(redis.call('HGET', FINISHED_SIZES, id) or '0'))
+    redis.call('HDEL', FINISHED_SIZES, id)
+    redis.call('ZREM', FINISHED, id)
+  end
+  for _ = 1, 100 do
+    if tonumber(redis.call('GET', FINISHED_BYTES) or '0') <= MAX_FINISHED_BYTES
+        or redis.call('ZCARD', FINISHED) <= 1 then
+      break
+    end
+    local id = redis.call('ZPOPMIN', FINISHED)[1]
+    redis.call('DECRBY', FINISHED_BYTES, tonumber(redis.call('HGET', FINISHED_SIZES, id) or '0'))
+    redis.call('HDEL', FINISHED_SIZES, id)
+    local k = job_keys(prefix, id)
+    local idem = redis.call('HGET', k.job, 'idem')
+    if idem then
+      redis.call('DEL', idem)
+    end
+    redis.call('DEL', k.job, k.results, k.events, k.data)
+  end
+end
 
 -- Ends a live job: frees its queued images and counts, keeps what it computed for ttl.
 local function finish(k, status, now, ttl)
@@ -40,6 +68,13 @@ local function finish(k, status, now, ttl)
   if v[5] then
     redis.call('EXPIRE', v[5], ttl)
   end
+  local time = redis.call('TIME')
+  local now_us = tonumber(time[1]) * 1e6 + tonumber(time[2])  -- exact in a double
+  local kept = tonumber(redis.call('HGET', k.job, 'kept') or JOB_KEPT_BYTES)
+  redis.call('ZADD', FINISHED, now_us, k.id)
+  redis.call('HSET', FINISHED_SIZES, k.id, kept)
+  redis.call('INCRBY', FINISHED_BYTES, kept)
+  trim_finished(k.prefix, now_us, ttl)
   redis.call('PUBLISH', k.changed, k.id)
 end
 
@@ -49,6 +84,7 @@ local function add_result(k, index, result, ok, now, ttl)
     return false
   end
   local done = redis.call('HINCRBY', k.job, 'done', 1)
+  redis.call('HINCRBY', k.job, 'kept', 2 * #result + 100)
   redis.call('HINCRBY', k.job, 'failed', ok and 0 or 1)
   local fields, v = progress_fields(k)
   emit(k, 'progress', '{"index": ' .. index .. ', ' .. fields .. ', "result": ' .. result .. '}')

@@ -1,19 +1,33 @@
 -- ARGV: prefix, job id, total, created_at, max_jobs, max_items, max_bytes, ttl,
--- idempotency key ('' for none), input bytes, task, input count, the input indexes,
--- then index, error-result pairs for the items that could not be read.
+-- idempotency key ('' for none), input bytes, task, content digest, input count, the
+-- input indexes, then index, error-result pairs for the items that could not be read.
 -- The inputs were written to the job's data hash beforehand, with an expiry.
 local prefix, id, total, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[8])
-local idem, nbytes, task, nimages = ARGV[9], tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
+local idem, nbytes, task, digest = ARGV[9], tonumber(ARGV[10]), ARGV[11], ARGV[12]
+local nimages = tonumber(ARGV[13])
 local k = job_keys(prefix, id)
+-- The client retries a command whose answer came late: a second run for the same job
+-- answers as the first one did, and changes nothing.
+local mine = redis.call('HMGET', k.job, 'status', 'total')
+if mine[1] then
+  return {'created', id, mine[1], mine[2]}
+end
 if idem ~= '' then
   local known = redis.call('GET', idem)
   if known then
-    local v = redis.call('HMGET', prefix .. ':job:' .. known, 'status', 'total')
+    local v = redis.call('HMGET', prefix .. ':job:' .. known, 'status', 'total', 'digest')
     if v[1] then
       redis.call('DEL', k.data)
+      if v[3] ~= digest then
+        return {'conflict', known}
+      end
       return {'known', known, v[1], v[2]}
     end
   end
+end
+if nimages > 0 and redis.call('EXISTS', k.data) == 0 then
+  -- A first run refused the job and its answer was lost, or the inputs expired.
+  return {'lost'}
 end
 local live = redis.call('SCARD', LIVE)
 local items = tonumber(redis.call('GET', ITEMS) or '0')
@@ -25,18 +39,19 @@ if live >= tonumber(ARGV[5]) or items + nimages > tonumber(ARGV[6])
 end
 redis.call('PERSIST', k.data)
 redis.call('HSET', k.job, 'total', total, 'task', task, 'status', 'queued', 'created_at', now,
-  'done', 0, 'failed', 0, 'seq', 0, 'queued_bytes', nbytes, 'queued_items', nimages)
+  'done', 0, 'failed', 0, 'seq', 0, 'queued_bytes', nbytes, 'queued_items', nimages,
+  'kept', JOB_KEPT_BYTES)
 if idem ~= '' then
   redis.call('SET', idem, id)
-  redis.call('HSET', k.job, 'idem', idem)
+  redis.call('HSET', k.job, 'idem', idem, 'digest', digest)
 end
 redis.call('SADD', LIVE, id)
 redis.call('INCRBY', ITEMS, nimages)
 redis.call('INCRBY', BYTES, nbytes)
 for i = 1, nimages do
-  redis.call('XADD', WORK, '*', 'job', id, 'index', ARGV[12 + i], 'task', task)
+  redis.call('XADD', WORK, '*', 'job', id, 'index', ARGV[13 + i], 'task', task)
 end
-local pos = 13 + nimages
+local pos = 14 + nimages
 while pos < #ARGV do
   add_result(k, ARGV[pos], ARGV[pos + 1], false, now, ttl)
   pos = pos + 2
