@@ -8,12 +8,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import BodyTooLarge, error_response
 
-# A refused request's body is read and dropped, up to these bounds, before the answer:
-# a client that writes its whole body before reading (Python's urllib, many scripts)
-# would otherwise see the connection reset instead of the answer. Past them the answer
-# goes anyway, and a slow sender holds a connection for DISCARD_SECONDS at most.
-DISCARD_BYTES = 64 * 1024 * 1024
-DISCARD_SECONDS = 5.0
+# A refused request's body is read and dropped before the answer, as nginx lingers: a
+# client that writes its whole body before reading (Python's urllib, many scripts) would
+# otherwise see the connection reset instead of the answer. The reading is bounded by
+# time, not bytes: DISCARD_SECONDS in all, and DISCARD_IDLE_SECONDS without a byte, so a
+# stalled sender is answered then; any size that arrives within them is read.
+DISCARD_SECONDS = 30.0
+DISCARD_IDLE_SECONDS = 5.0
 
 
 async def refuse(scope: Scope, receive: Receive, send: Send, response: Response) -> None:
@@ -24,21 +25,20 @@ async def refuse(scope: Scope, receive: Receive, send: Send, response: Response)
 
 
 async def discard_body(receive: Receive) -> bool:
-    """Reads and drops the rest of the request body, within DISCARD_BYTES and
-    DISCARD_SECONDS. True when all of it was read."""
-    received = 0
-    try:
-        async with asyncio.timeout(DISCARD_SECONDS):
-            while received <= DISCARD_BYTES:
+    """Reads and drops the rest of the request body, within DISCARD_SECONDS, and
+    DISCARD_IDLE_SECONDS between pieces. True when all of it was read."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + DISCARD_SECONDS
+    while True:
+        try:
+            async with asyncio.timeout(min(DISCARD_IDLE_SECONDS, end - loop.time())):
                 message = await receive()
-                if message["type"] != "http.request":
-                    return False
-                received += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    return True
-    except TimeoutError:
-        pass
-    return False
+        except TimeoutError:
+            return False
+        if message["type"] != "http.request":
+            return False
+        if not message.get("more_body", False):
+            return True
 
 
 def _body_coming(scope: Scope) -> bool:
@@ -59,7 +59,7 @@ def _body_coming(scope: Scope) -> bool:
             declared = value
     if not close or declared is None:
         return False
-    return declared == b"chunked" or (declared.isdigit() and 0 < int(declared) <= DISCARD_BYTES)
+    return declared == b"chunked" or (declared.isdigit() and int(declared) > 0)
 
 
 class BodySizeLimitMiddleware:
