@@ -166,6 +166,15 @@ class MemoryJobStore:
                 callback(job_id)
         return job.status
 
+    async def remove(self, job_id: str) -> JobStatus | None:
+        job = self._job(job_id)
+        if job is None:
+            return None
+        await self.cancel(job_id)
+        self._forget(job)
+        self.feed.notify(job_id)
+        return job.status
+
     async def take(self, count: int, wait_s: float) -> list[WorkItem]:
         assert self._work_added is not None, "start() the store first"
         if not self._work:
@@ -261,11 +270,15 @@ class MemoryJobStore:
             over = self.finished_bytes > self.limits.max_finished_bytes and len(self._finished) > 1
             if now < job.expires_at and not over:
                 break
-            del self._finished[job.id]
-            del self._jobs[job.id]
-            self.finished_bytes -= job.kept
-            if job.idempotency_key is not None:
-                self._by_key.pop(job.idempotency_key, None)
+            self._forget(job)
+
+    def _forget(self, job: _Job) -> None:
+        """Deletes every trace of a finished job."""
+        del self._finished[job.id]
+        del self._jobs[job.id]
+        self.finished_bytes -= job.kept
+        if job.idempotency_key is not None:
+            self._by_key.pop(job.idempotency_key, None)
 
 
 _ENDED = _Job(total=0, status=JobStatus.CANCELLED)

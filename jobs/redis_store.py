@@ -112,7 +112,7 @@ class RedisJobStore:
         )
         self._scripts = {
             name: self._redis.register_script(common + (_LUA / f"{name}.lua").read_text())
-            for name in ("create", "take", "record", "begin", "cancel", "release")
+            for name in ("create", "take", "record", "begin", "cancel", "remove", "release")
         }
         self._cancel_callbacks: list[CancelCallback] = []
         # Jobs recently seen running: their items begin without a round trip.
@@ -282,6 +282,13 @@ class RedisJobStore:
         self._running.pop(job_id, None)
         args = [self.prefix, job_id, now_iso(), self.ttl_s]
         status = await self._scripts["cancel"](keys=self._keys, args=args)
+        return JobStatus(_text(status)) if status else None
+
+    @_unavailable
+    async def remove(self, job_id: str) -> JobStatus | None:
+        self._running.pop(job_id, None)
+        args = [self.prefix, job_id, now_iso(), self.ttl_s]
+        status = await self._scripts["remove"](keys=self._keys, args=args)
         return JobStatus(_text(status)) if status else None
 
     @_unavailable

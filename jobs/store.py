@@ -190,6 +190,12 @@ class JobStore(Protocol):
         unknown. Every replica stops working on it."""
         ...
 
+    async def remove(self, job_id: str) -> JobStatus | None:
+        """Cancels the job if it is live, then deletes it with its results and events;
+        returns its status just before (``cancelled`` for a job that was live), or None
+        if unknown."""
+        ...
+
     async def take(self, count: int, wait_s: float) -> list[WorkItem]:
         """Up to ``count`` items to compute, waiting up to ``wait_s`` for the first."""
         ...

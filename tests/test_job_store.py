@@ -187,6 +187,33 @@ async def test_cancel_ends_a_live_job_and_frees_its_items(store: JobStore) -> No
     assert await store.cancel("0" * 32) is None
 
 
+async def test_remove_cancels_a_live_job_and_forgets_any_job(store: JobStore) -> None:
+    live, _ = await store.create([b"a", b"b"], idempotency_key="k")
+    finished, _ = await store.create([ERROR])
+    cancelled: list[str] = []
+    store.on_cancel(cancelled.append)
+    assert await store.remove(live["job_id"]) is JobStatus.CANCELLED
+    assert await store.remove(finished["job_id"]) is JobStatus.FAILED
+    for job_id in (live["job_id"], finished["job_id"]):
+        assert await store.get(job_id) is None
+        assert await store.events(job_id, 0) is None
+        assert await store.remove(job_id) is None
+    # Its items are discarded, not computed; its key and queued images are free again.
+    for item in await take_all(store, 2):
+        assert not await store.begin(item)
+        await store.discard(item)
+    again, created = await store.create([b"a", b"b"], idempotency_key="k")
+    assert created and again["job_id"] != live["job_id"]
+    if isinstance(store, MemoryJobStore):
+        assert (store.live_jobs, store.queued_items) == (1, 2)
+        assert store.finished_bytes == 0
+    for _ in range(50):  # the cancel reaches a Redis store's listener shortly
+        if cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert cancelled == [live["job_id"]]
+
+
 async def test_a_finished_job_cannot_be_cancelled(store: JobStore) -> None:
     summary, _ = await store.create([ERROR])
     assert await store.cancel(summary["job_id"]) is JobStatus.FAILED

@@ -158,7 +158,7 @@ def test_cancelling_a_300_image_job_stops_its_remaining_items(jobs_server: Serve
     job_id = job["job_id"]
     early = read_events(jobs_server, job_id, stop_after=10)
     assert len(early) == 10
-    response = httpx.delete(f"{jobs_server.url}/jobs/{job_id}", timeout=10)
+    response = httpx.post(f"{jobs_server.url}/jobs/{job_id}/cancel", timeout=10)
     assert response.status_code == 202
     assert response.json()["status"] == "cancelled"
     cancelled = httpx.get(f"{jobs_server.url}/jobs/{job_id}").json()
@@ -168,7 +168,7 @@ def test_cancelling_a_300_image_job_stops_its_remaining_items(jobs_server: Serve
     events = read_events(jobs_server, job_id)
     assert events[-1][1] == "cancelled"
     # Idempotent: cancelling again answers the same.
-    assert httpx.delete(f"{jobs_server.url}/jobs/{job_id}").status_code == 202
+    assert httpx.post(f"{jobs_server.url}/jobs/{job_id}/cancel").status_code == 202
     # The items that were queued when the job was cancelled never reach the model.
     after = httpx.get(f"{jobs_server.url}/metadata").json()
     time.sleep(1.0)  # time in which a still-running job would compute tens of items
@@ -181,9 +181,33 @@ def test_cancelling_a_300_image_job_stops_its_remaining_items(jobs_server: Serve
 def test_cancelling_a_finished_job_is_409(jobs_server: Server) -> None:
     job = submit(jobs_server, photos(["coffee"]))
     poll_until_finished(jobs_server, job["job_id"])
-    response = httpx.delete(f"{jobs_server.url}/jobs/{job['job_id']}")
+    response = httpx.post(f"{jobs_server.url}/jobs/{job['job_id']}/cancel")
     assert response.status_code == 409
     assert "succeeded" in response.json()["detail"]
+
+
+def test_deleting_a_job_cancels_it_and_forgets_it(jobs_server: Server) -> None:
+    url = jobs_server.url
+    before = httpx.get(f"{url}/metadata").json()["stats"]["items"]
+    finished = submit(jobs_server, photos(["coffee"]))["job_id"]
+    poll_until_finished(jobs_server, finished)
+    running = submit(jobs_server, photos(["chelsea"]) * 300)["job_id"]
+    assert len(read_events(jobs_server, running, stop_after=5)) == 5
+    deleted = httpx.delete(f"{url}/jobs/{running}", timeout=10)
+    assert deleted.status_code == 202, deleted.text
+    assert deleted.json()["status"] == "cancelled"
+    gone = httpx.delete(f"{url}/jobs/{finished}")
+    assert gone.status_code == 202
+    assert gone.json()["status"] == "succeeded"
+    for job_id in (running, finished):
+        for method, path in [("GET", ""), ("GET", "/events"), ("DELETE", ""), ("POST", "/cancel")]:
+            response = httpx.request(method, f"{url}/jobs/{job_id}{path}")
+            assert response.status_code == 404, (method, path, response.text)
+    # The deleted job's queued items never reach the model.
+    settled = httpx.get(f"{url}/metadata").json()["stats"]["items"]
+    time.sleep(1.0)  # time in which a still-running job would compute tens of items
+    assert httpx.get(f"{url}/metadata").json()["stats"]["items"] == settled
+    assert settled - before < 300
 
 
 def test_sse_resumes_from_last_event_id_without_losing_events(jobs_server: Server) -> None:
@@ -327,7 +351,7 @@ def test_limits_ttl_and_finished_jobs_do_not_block(tmp_path: Path) -> None:
         assert b"MAX_JOBS" in reply
         assert b"retry-after: 1" in reply.lower()
 
-        httpx.delete(f"{server.url}/jobs/{first['job_id']}")
+        httpx.post(f"{server.url}/jobs/{first['job_id']}/cancel")
         poll_until_finished(server, second["job_id"])
         deadline = time.monotonic() + 30
         while httpx.get(f"{server.url}/jobs/{first['job_id']}").status_code != 404:

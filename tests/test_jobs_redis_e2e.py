@@ -159,7 +159,7 @@ def test_cancel_on_one_replica_stops_items_in_flight_on_the_other(
     _, (a, b) = cluster
     created = submit(a, ["chelsea"] * 300)
     wait_for(b, created["job_id"], "done >= 20")
-    response = httpx.delete(f"{b.url}/jobs/{created['job_id']}", timeout=10)
+    response = httpx.post(f"{b.url}/jobs/{created['job_id']}/cancel", timeout=10)
     assert response.status_code == 202
     assert response.json()["status"] == "cancelled"
     done_at_cancel = response.json()["progress"]["done"]

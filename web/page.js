@@ -1,5 +1,5 @@
 // The page's script. It is a client of the server's public API and nothing else:
-// POST /cls, POST /cls/jobs, the job's event stream, DELETE /jobs/{id} and GET /metadata.
+// POST /cls, POST /cls/jobs, the job's event stream, POST /jobs/{id}/cancel and GET /metadata.
 // No framework and nothing fetched from elsewhere; it runs offline like the server.
 "use strict";
 
@@ -247,7 +247,7 @@ async function cancelJob() {
   if (!running) return;
   $("cancel").disabled = true;
   try {
-    const response = await fetch(`/jobs/${running.id}`, { method: "DELETE" });
+    const response = await fetch(`/jobs/${running.id}/cancel`, { method: "POST" });
     // 409: it ended first; its stream says how.
     if (!response.ok && response.status !== 409) {
       $("job-error").textContent = `Could not cancel: ${await problem(response)}`;

@@ -104,14 +104,14 @@ async def status(job_id: str, engine: EngineDep) -> dict[str, Any]:
     return await _job(engine, job_id)
 
 
-@router.delete(
-    "/{job_id}",
+@router.post(
+    "/{job_id}/cancel",
     status_code=202,
     responses={**_FOUND_OR_NOT, **error_responses({409: "The job already ended"})},
 )
 async def cancel(job_id: str, engine: EngineDep) -> dict[str, Any]:
-    """Cancels the job on every replica; its queued items are never computed. 409 if it
-    already ended."""
+    """Cancels the job on every replica; its queued items are never computed, and what
+    it computed stays readable until it expires. 409 if it already ended."""
     store = _store(engine)
     outcome = await store.cancel(job_id) if _JOB_ID.fullmatch(job_id) else None
     if outcome is None:
@@ -120,6 +120,18 @@ async def cancel(job_id: str, engine: EngineDep) -> dict[str, Any]:
         raise HTTPException(409, f"job {job_id} already {outcome.value}; nothing to cancel")
     job = await _job(engine, job_id)
     return {"job_id": job_id, "status": job["status"], "progress": job["progress"]}
+
+
+@router.delete("/{job_id}", status_code=202, responses=_FOUND_OR_NOT)
+async def delete(job_id: str, engine: EngineDep) -> dict[str, Any]:
+    """Deletes the job: cancels it on every replica if it is still live, then forgets it
+    with its results and events (its id answers 404 from then on). Answers its status
+    and progress as they were at the end."""
+    job = await _job(engine, job_id)
+    outcome = await _store(engine).remove(job_id)
+    if outcome is None:
+        raise _not_found(job_id)
+    return {"job_id": job_id, "status": outcome.value, "progress": job["progress"]}
 
 
 @router.get(

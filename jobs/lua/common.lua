@@ -25,6 +25,18 @@ end
 
 local FINAL_EVENT = {succeeded = 'done', failed = 'failed', cancelled = 'cancelled'}
 
+-- Deletes every trace of a finished job.
+local function forget(k)
+  redis.call('DECRBY', FINISHED_BYTES, tonumber(redis.call('HGET', FINISHED_SIZES, k.id) or '0'))
+  redis.call('HDEL', FINISHED_SIZES, k.id)
+  redis.call('ZREM', FINISHED, k.id)
+  local idem = redis.call('HGET', k.job, 'idem')
+  if idem then
+    redis.call('DEL', idem)
+  end
+  redis.call('DEL', k.job, k.results, k.events, k.data)
+end
+
 -- Forgets finished jobs: those whose keys expired, then the oldest while finished jobs
 -- keep more than MAX_FINISHED_BYTES (never the newest). A bounded amount per call.
 local function trim_finished(prefix, now_us, ttl)
@@ -39,15 +51,7 @@ local function trim_finished(prefix, now_us, ttl)
         or redis.call('ZCARD', FINISHED) <= 1 then
       break
     end
-    local id = redis.call('ZPOPMIN', FINISHED)[1]
-    redis.call('DECRBY', FINISHED_BYTES, tonumber(redis.call('HGET', FINISHED_SIZES, id) or '0'))
-    redis.call('HDEL', FINISHED_SIZES, id)
-    local k = job_keys(prefix, id)
-    local idem = redis.call('HGET', k.job, 'idem')
-    if idem then
-      redis.call('DEL', idem)
-    end
-    redis.call('DEL', k.job, k.results, k.events, k.data)
+    forget(job_keys(prefix, redis.call('ZRANGE', FINISHED, 0, 0)[1]))
   end
 end
 
