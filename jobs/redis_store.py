@@ -277,18 +277,18 @@ class RedisJobStore:
             for entry_id, fields in entries
         ]
 
-    @_unavailable
     async def cancel(self, job_id: str) -> JobStatus | None:
-        self._running.pop(job_id, None)
-        args = [self.prefix, job_id, now_iso(), self.ttl_s]
-        status = await self._scripts["cancel"](keys=self._keys, args=args)
-        return JobStatus(_text(status)) if status else None
+        return await self._end(job_id, "cancel")
+
+    async def remove(self, job_id: str) -> JobStatus | None:
+        return await self._end(job_id, "remove")
 
     @_unavailable
-    async def remove(self, job_id: str) -> JobStatus | None:
+    async def _end(self, job_id: str, script: str) -> JobStatus | None:
+        """Runs the cancel or remove script, which ends the job if it is live."""
         self._running.pop(job_id, None)
         args = [self.prefix, job_id, now_iso(), self.ttl_s]
-        status = await self._scripts["remove"](keys=self._keys, args=args)
+        status = await self._scripts[script](keys=self._keys, args=args)
         return JobStatus(_text(status)) if status else None
 
     @_unavailable
