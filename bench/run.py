@@ -151,6 +151,14 @@ def machine() -> dict[str, Any]:
     }
 
 
+def isa(result: dict[str, Any]) -> str:
+    """The instruction set that matters most here, for the results' file names."""
+    flags = set(result["machine"]["cpu_flags"])
+    if flags & {"avx512_vnni", "avx_vnni"}:
+        return "vnni"
+    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+
+
 def ensure_triton_env() -> None:
     """Makes .venv-triton from requirements-triton.txt if it is missing (about a minute,
     from the package registry); the Triton peer is left out if that fails."""
@@ -201,7 +209,8 @@ def main() -> None:
         print("jobs ...", flush=True)
         result["jobs"] = job_store_bench.run(work)
     result["targets"] = report.targets(result)
-    stem = f"{datetime.date.today().isoformat()}-{result['machine']['host']}"
+    # Machines of one host name differ in instruction set, which decides int8's speed.
+    stem = f"{datetime.date.today().isoformat()}-{result['machine']['host']}-{isa(result)}"
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
     report.chart(result, out_dir / f"{stem}.png", CONCURRENCY)
     jobs_section = job_store_bench.markdown(result["jobs"])

@@ -37,7 +37,14 @@ class Contender:
     env: dict[str, str] = field(default_factory=dict)
     protocol: str = "multipart"  # bench/loadgen.py's --protocol
     ready_path: str = "/health/ready"
-    missing: str | None = None  # why it cannot run here, if it cannot
+    needs: Path | None = None  # an interpreter that `make bench` makes, if it needs one
+
+    def missing(self) -> str | None:
+        """Why it cannot run here, if it cannot; asked when its turn comes, after
+        `make bench` has made what it needs."""
+        if self.needs is None or self.needs.exists():
+            return None
+        return f"{self.needs} is missing: make bench"
 
 
 def _triton() -> Contender:
@@ -48,7 +55,7 @@ def _triton() -> Contender:
         {"PRECISION": "float32", "LD_LIBRARY_PATH": libdir},
         protocol="v2",
         ready_path="/v2/models/cls/ready",
-        missing=None if TRITON_PYTHON.exists() else f"{TRITON_PYTHON} is missing: make bench",
+        needs=TRITON_PYTHON,
     )
 
 
@@ -173,8 +180,8 @@ def run_levels(
     results: dict[str, list[dict[str, Any]]] = {}
     for name in names:
         contender = CONTENDERS[name]
-        if contender.missing:
-            print(f"  {name}: left out, {contender.missing}", flush=True)
+        if why := contender.missing():
+            print(f"  {name}: left out, {why}", flush=True)
             continue
         port = free_port()
         env = {"PORT": str(port), "LOG_LEVEL": "warning", **contender.env}
