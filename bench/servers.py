@@ -13,17 +13,14 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness.server import Server, free_port, stop  # noqa: E402
+from harness.server import Server, free_port, stop, wait_ready  # noqa: E402
 
 CONCURRENCY = (1, 8, 32, 128)
 TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
@@ -108,16 +105,7 @@ def stop_all(server: Server) -> None:
 def wait_until_ready(server: Server, contender: Contender, images: Path, timeout: float) -> None:
     """Until the contender's readiness path answers 200, then one real request: some
     peers answer their health check before their model workers are up."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"exited with {server.process.returncode}:\n{server.output()}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(server.url + contender.ready_path, timeout=2).status_code == 200:
-                break
-        time.sleep(0.5)
-    else:
-        raise RuntimeError(f"not ready after {timeout} s:\n{server.output()}")
+    wait_ready(server, timeout, contender.ready_path)
     port = int(server.url.rsplit(":", 1)[1])
     load(port, 1, 1.0, images, "--protocol", contender.protocol, warmup=0.0)
 
