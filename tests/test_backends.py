@@ -12,7 +12,7 @@ import torch
 
 import classification.onnx_backend as onnx_backend
 from classification import Classifier, load_model
-from serving.warmup import BATCH_OVERHEAD_S, choose_batch_size, serving_scores
+from serving.warmup import BATCH_OVERHEAD_S, TUNE_SHARE, choose_batch_size, serving_scores
 from tests.images import PHOTOS, photo_bytes
 
 
@@ -120,7 +120,8 @@ def test_diverging_outputs_fall_back_to_torch(
     [
         ({1: 0.5, 2: 0.75, 4: 0.95, 8: 1.0, 16: 0.99, 32: 0.6}, 8),
         ({1: 0.42, 2: 0.63, 4: 1.0, 8: 0.84, 16: 0.6, 32: 0.33}, 4),
-        ({1: 1.0, 2: 0.96, 4: 1.0, 8: 0.93}, 1),
+        ({1: 1.0, 2: 0.96, 4: 1.0, 8: 0.85}, 4),
+        ({1: 0.4, 2: 0.7, 4: 0.96, 8: 0.85, 16: 1.0, 32: 0.97}, 16),
         ({1: 0.06, 2: 0.13, 4: 0.25, 8: 0.5, 16: 1.0}, 16),
         ({1: 1.0}, 1),
     ],
@@ -131,8 +132,35 @@ def test_auto_batch_size_is_the_one_that_serves_best(
     assert choose_batch_size(table) == expected
 
 
-def test_a_size_chosen_before_is_kept_while_it_stays_within_95_percent() -> None:
-    table = {1: 0.7, 2: 0.9, 4: 0.97, 8: 1.0, 16: 0.96}
+# serving_scores of five fresh starts each, on a 2-core AMD EPYC with AVX2 only: sizes 4
+# to 32 serve alike, and the best of them moved with the noise.
+MEASURED_ON_AVX2 = {
+    "float32": [
+        {1: 0.733, 2: 0.921, 4: 0.958, 8: 1.0, 16: 0.996, 32: 0.999},
+        {1: 0.786, 2: 0.914, 4: 0.961, 8: 0.961, 16: 0.977, 32: 0.95},
+        {1: 0.793, 2: 0.921, 4: 0.879, 8: 0.974, 16: 1.0, 32: 0.991},
+        {1: 0.648, 2: 0.865, 4: 0.903, 8: 0.953, 16: 0.962, 32: 0.992},
+        {1: 0.763, 2: 0.89, 4: 0.931, 8: 0.975, 16: 1.0, 32: 0.995},
+    ],
+    "int8": [
+        {1: 0.62, 2: 0.845, 4: 0.934, 8: 0.953, 16: 1.0, 32: 0.956},
+        {1: 0.711, 2: 0.869, 4: 0.929, 8: 0.977, 16: 0.937, 32: 0.994},
+        {1: 0.662, 2: 0.71, 4: 0.843, 8: 0.996, 16: 0.964, 32: 0.992},
+        {1: 0.712, 2: 0.862, 4: 0.944, 8: 1.0, 16: 0.966, 32: 0.951},
+        {1: 0.58, 2: 0.644, 4: 0.939, 8: 0.985, 16: 0.873, 32: 1.0},
+    ],
+}
+
+
+@pytest.mark.parametrize("precision", sorted(MEASURED_ON_AVX2))
+def test_sizes_that_serve_alike_give_the_same_choice_at_every_start(precision: str) -> None:
+    tables = MEASURED_ON_AVX2[precision]
+    assert len({max(table, key=lambda size: table[size]) for table in tables}) > 1
+    assert {choose_batch_size(table) for table in tables} == {8}
+
+
+def test_a_size_chosen_before_is_kept_while_it_stays_within_90_percent() -> None:
+    table = {1: 0.7, 2: 0.85, 4: 0.97, 8: 1.0, 16: 0.92}
     assert choose_batch_size(table) == 8
     assert choose_batch_size(table, previous=4) == 4
     assert choose_batch_size(table, previous=16) == 16
@@ -173,7 +201,7 @@ def test_a_later_start_keeps_the_batch_size_it_chose(cache_dir: Path) -> None:
     # Another start, on the same model and machine, finds it: had it measured 2 best, say.
     kept.write_text(json.dumps({"batch_size": 2}))
     again = Classifier(model, backend="onnxruntime", cache_dir=cache_dir).warmup(8, tune=True)
-    if again["serving_scores"][2] >= 0.95 * max(again["serving_scores"].values()):
+    if again["serving_scores"][2] >= TUNE_SHARE * max(again["serving_scores"].values()):
         assert (again["batch_size"], again["batch_size_kept"]) == (2, True)
     else:
         assert again["batch_size"] == choose_batch_size(again["serving_scores"])
