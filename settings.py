@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     )
     sse_heartbeat_s: float = Field(5.0, gt=0, description="Comment line interval on SSE.")
     max_image_pixels: int = Field(40_000_000, ge=1)
+    max_decode_pixels: int = Field(
+        80_000_000,
+        ge=1,
+        description="Pixels that a worker's decodes may hold at once; the rest wait.",
+    )
     web_dir: Path | None = Field(
         None, description="Folder of the page at GET / (index.html and its files); default web/."
     )

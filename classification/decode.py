@@ -2,6 +2,9 @@
 
 import io
 import struct
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,6 +34,50 @@ _CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError,
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _CONVERTIBLE_MODES = {"1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV"}
+# Rows converted at a time for 16-bit and transparent images, whose conversion would
+# otherwise make several full-size copies (a 6300 x 6300 16-bit PNG took 0.8 GB).
+_STRIP_ROWS = 256
+
+
+class PixelBudget:
+    """The pixels that the decodes of one process may hold at once. A decode takes its
+    image's pixel count from the budget once the header is read (the whole budget at
+    most, so that any image within MAX_IMAGE_PIXELS can be decoded alone) and gives it
+    back when it ends; a decode that does not fit waits. With it, memory for decoding is
+    bounded by the budget, whatever the number of decode threads."""
+
+    def __init__(self, pixels: int) -> None:
+        self.total = pixels
+        self._free = pixels
+        self._room = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.total)
+        with self._room:
+            self._room.wait_for(lambda: self._free >= pixels)
+            self._free -= pixels
+        try:
+            yield
+        finally:
+            with self._room:
+                self._free += pixels
+                self._room.notify_all()
+
+    @property
+    def in_use(self) -> int:
+        return self.total - self._free
+
+
+# The process's decode budget, sized from MAX_DECODE_PIXELS when an image task loads.
+budget = PixelBudget(80_000_000)
+
+
+def size_budget(pixels: int) -> None:
+    """Gives the process a decode budget of ``pixels``; before any decode starts."""
+    global budget
+    if budget.total != pixels:
+        budget = PixelBudget(pixels)
 
 
 def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> Image.Image:
@@ -60,11 +107,12 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> Image.Image:
     if width < 1 or height < 1:
         raise BadImage(f"image has no pixels ({width}x{height})")
     try:
-        if image.format in ("JPEG", "MPO"):
-            image.draft(None, (min_side, min_side))
-        image.load()
-        ImageOps.exif_transpose(image, in_place=True)  # not a copy of every upright image
-        return _to_rgb(image)
+        with budget.hold(width * height):
+            if image.format in ("JPEG", "MPO"):
+                image.draft(None, (min_side, min_side))
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # not a copy of every upright image
+            return _to_rgb(image, min_side)
     except _CORRUPT_IMAGE_ERRORS as exc:
         raise BadImage(f"corrupt or truncated {image.format} image: {exc}") from None
 
@@ -75,20 +123,57 @@ def _claimed_format(data: bytes) -> str | None:
     return next((fmt for magic, fmt in _SIGNATURES.items() if data.startswith(magic)), None)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_rgb(image: Image.Image, min_side: int) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
     if mode in _SIXTEEN_BIT_MODES:
-        # Signed: mode I holds 32-bit signed values, and a negative one cast to unsigned
-        # first would wrap around to white instead of clipping to black.
-        wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
-        narrow = (wide * 255 + 32767) // 65535
-        return Image.fromarray(narrow.astype(np.uint8)).convert("RGB")
+        return _by_strips(image, min_side, _eight_bit_grey, _grey_to_rgb)
     if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        background.alpha_composite(image.convert("RGBA"))
-        return background.convert("RGB")
+        return _by_strips(image, min_side, _premultiplied, _over_white)
     if mode in _CONVERTIBLE_MODES:
         return image.convert("RGB")
     raise UnsupportedImage(f"unsupported pixel mode {mode!r}: send 8- or 16-bit RGB or grayscale")
+
+
+Convert = Callable[[Image.Image], Image.Image]
+
+
+def _by_strips(image: Image.Image, min_side: int, prepare: Convert, finish: Convert) -> Image.Image:
+    """The image in RGB, converted a strip of rows at a time: ``prepare`` turns a strip
+    into a mode that can be averaged, it is reduced by the largest whole factor that
+    keeps the shorter side at least ``min_side``, and ``finish`` makes it RGB. Memory
+    beyond the decoded image is a strip's worth, plus the (reduced) result."""
+    width, height = image.size
+    factor = max(1, min(width, height) // min_side)
+    rows = max(factor, _STRIP_ROWS // factor * factor)  # whole reduction boxes per strip
+    result = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    for top in range(0, height, rows):
+        strip = prepare(image.crop((0, top, width, min(top + rows, height))))
+        if factor > 1:
+            strip = strip.reduce(factor)
+        result.paste(finish(strip), (0, top // factor))
+    return result
+
+
+def _eight_bit_grey(strip: Image.Image) -> Image.Image:
+    # Signed: mode I holds 32-bit signed values, and a negative one cast to unsigned
+    # first would wrap around to white instead of clipping to black.
+    wide = np.clip(np.asarray(strip, dtype=np.int64), 0, 65535)
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+
+
+def _grey_to_rgb(strip: Image.Image) -> Image.Image:
+    return strip.convert("RGB")
+
+
+def _premultiplied(strip: Image.Image) -> Image.Image:
+    # Averaged premultiplied, a reduced pixel's colour is that of what shows through.
+    return strip.convert("RGBA").convert("RGBa")
+
+
+def _over_white(strip: Image.Image) -> Image.Image:
+    """A premultiplied RGBa strip composited over white."""
+    pixels = np.asarray(strip, dtype=np.uint16)
+    rgb = pixels[..., :3] + (255 - pixels[..., 3:])
+    return Image.fromarray(np.minimum(rgb, 255).astype(np.uint8), mode="RGB")

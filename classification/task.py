@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, Field
 
+from classification import decode
 from classification.classifier import Classifier, ClassifyInput, ClassScore
 from classification.embedding import Embedder
 from classification.errors import BadImage
@@ -39,8 +40,10 @@ def image_bytes(payload: Payload) -> bytes:
 
 
 def image_model_options(context: LoadContext) -> dict[str, Any]:
-    """The ImageModel options that settings choose."""
+    """The ImageModel options that settings choose. Also sizes the process's decode
+    budget (MAX_DECODE_PIXELS), before the first decode."""
     settings = context.settings
+    decode.size_budget(settings.max_decode_pixels)
     return {
         "device": context.device,
         "channels_last": settings.channels_last,

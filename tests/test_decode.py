@@ -1,6 +1,7 @@
 """Decoding and preprocessing, on real photos."""
 
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from classification import BadImage, Classifier, ImageTooLarge, UnsupportedImage
-from classification.decode import decode_image
+from classification.decode import PixelBudget, decode_image
 from classification.models import load_model
 from tests.images import (
     chelsea,
@@ -101,3 +102,64 @@ def test_32_bit_signed_pixels_clip_to_black_and_white() -> None:
     decoded = np.asarray(decode(buffer.getvalue()))
     # Negative is below black: it must not wrap around to a huge unsigned value (white).
     assert decoded[0, :, 0].tolist() == [0, 0, 255, 255]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")  # uint16: I;16, 4 channels: RGBA
+    return buffer.getvalue()
+
+
+def test_a_large_16_bit_image_is_reduced_as_a_full_conversion_then_reduce_would() -> None:
+    rows, cols = np.mgrid[0:1100, 0:1300]
+    grey = ((rows * 37 + cols * 91) % 65536).astype(np.uint16)
+    decoded = decode(png(grey))  # converted in strips of 256 rows, each reduced
+    # The same conversion on the whole image, then reduced: 8 bits, rounded.
+    eight_bit = ((grey.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    expected = np.asarray(Image.fromarray(eight_bit).reduce(4).convert("RGB"))
+    assert decoded.size == (325, 275)  # the shorter side still covers min_side
+    assert np.array_equal(np.asarray(decoded), expected)
+
+
+def test_transparent_pixels_are_averaged_by_what_shows_through() -> None:
+    # Opaque red beside fully transparent black: reduced 2:1 over white it is half red,
+    # half white, not darkened by the black that does not show.
+    rgba = np.zeros((600, 1200, 4), dtype=np.uint8)
+    rgba[:, 0::2] = (255, 0, 0, 255)
+    decoded = decode(png(rgba))
+    assert decoded.size == (600, 300)
+    red, green, blue = np.asarray(decoded)[0, 0].tolist()
+    assert red == 255  # averaged as stored, it was half black: 191
+    assert green == blue
+    assert abs(green - 127.5) <= 1
+
+
+def test_a_small_transparent_image_is_composited_over_white_pixel_for_pixel() -> None:
+    rgba = np.random.default_rng(0).integers(0, 256, (300, 400, 4), dtype=np.uint8)
+    decoded = np.asarray(decode(png(rgba)), dtype=np.int32)
+    alpha = rgba[..., 3:].astype(np.int32)
+    expected = (rgba[..., :3] * alpha + 255 * (255 - alpha)) / 255
+    assert np.abs(decoded - expected).max() <= 1
+
+
+def test_a_decode_that_does_not_fit_the_budget_waits_for_room() -> None:
+    budget = PixelBudget(100)
+    entered, leave = threading.Event(), threading.Event()
+
+    def second() -> None:
+        with budget.hold(60):
+            entered.set()
+            leave.wait(5)
+
+    thread = threading.Thread(target=second)
+    with budget.hold(70):
+        thread.start()
+        assert not entered.wait(0.3)  # 70 + 60 > 100: it waits
+        assert budget.in_use == 70
+    assert entered.wait(5)  # room once the first is done
+    assert budget.in_use == 60
+    leave.set()
+    thread.join()
+    assert budget.in_use == 0
+    with budget.hold(10**9):  # an image larger than the budget takes all of it, alone
+        assert budget.in_use == 100
