@@ -107,9 +107,9 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> Image.Image:
     if width < 1 or height < 1:
         raise BadImage(f"image has no pixels ({width}x{height})")
     try:
-        with budget.hold(width * height):
-            if image.format in ("JPEG", "MPO"):
-                image.draft(None, (min_side, min_side))
+        if image.format in ("JPEG", "MPO"):
+            image.draft(None, (min_side, min_side))  # sets the size it will decode at
+        with budget.hold(image.width * image.height):
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # not a copy of every upright image
             return _to_rgb(image, min_side)
