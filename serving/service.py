@@ -135,16 +135,15 @@ class TaskService:
         options: BaseModel,
         *,
         bulk: bool = False,
-        arrived_at: float | None = None,
     ) -> Any:
-        """Decodes ``payload`` and computes it within TIMEOUT seconds of ``arrived_at``
-        (the loop's clock; default now).
+        """Decodes ``payload`` and computes it within TIMEOUT seconds from now (for a
+        request, the end of its body).
 
         ``bulk`` items (job work) have no deadline and only fill the capacity that
         interactive requests leave.
         """
         self.require_warm()
-        deadline = None if bulk else self._deadline(arrived_at)
+        deadline = None if bulk else self._deadline(None)
         self._admit(deadline)  # before decoding an input the model could not serve in time
         item = await self._decode(payload, options, deadline, bulk)
         try:

@@ -4,6 +4,7 @@ refusal is a fast 4xx or 503 with a JSON detail, and the server keeps serving.""
 import base64
 import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -204,3 +205,42 @@ def test_memory_jobs_are_refused_when_workers_are_recycled(tmp_path: Path) -> No
         assert "JOB_STORE=redis" in detail
         assert "jobs are disabled" in server.output()
         still_serves(server)
+
+
+# 6. TIMEOUT counts from the end of the body: a slow upload on an idle server is served.
+
+
+def test_a_slow_upload_on_an_idle_server_is_answered(tmp_path: Path) -> None:
+    photo = photo_bytes("coffee") + bytes(300_000)  # bytes after the JPEG's end are ignored
+    boundary = "slow-upload-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="c.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + photo
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    with running_server({"TIMEOUT": "1"}, tmp_path / "server.log") as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(
+                (
+                    f"POST /cls HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                    f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode()
+            )
+            started = time.monotonic()
+            step = len(body) // 30
+            for start in range(0, len(body), step):  # about 100 kB/s: three times TIMEOUT
+                sock.sendall(body[start : start + step])
+                time.sleep(0.1)
+            sent_in = time.monotonic() - started
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert sent_in > 2.5, sent_in
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert json.loads(payload)["prediction"]["label"] in TOP1["coffee"]

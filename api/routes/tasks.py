@@ -82,11 +82,11 @@ def task_router(task: Task[Any, Any]) -> APIRouter:
         options: Annotated[Options, Query()],  # type: ignore[valid-type]
     ) -> Any:
         service = engine.services[name]
-        # Admitted at the door (api/admission.py), before the upload was read; its
-        # TIMEOUT counts from its arrival there.
-        arrived_at = getattr(request.state, "arrived_at", None)
+        # Admitted at the door (api/admission.py) before the upload was read. TIMEOUT
+        # counts from the end of the body, so a slow link does not use it up, and the
+        # service admits the request again with that deadline.
         payload = await read_payload(request)
-        run = service.run(payload, options, arrived_at=arrived_at)
+        run = service.run(payload, options)
         result = await cancel_on_disconnect(request, run)
         return task.encode(result, options)
 
