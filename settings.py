@@ -29,6 +29,18 @@ class Settings(BaseSettings):
     worker_timeout: int = Field(60, ge=1, description="gunicorn kills a silent worker after this.")
     graceful_timeout: int = Field(30, gt=0, description="gunicorn's limit for a clean stop.")
     keepalive: int = Field(5, ge=0, description="Seconds an idle keep-alive connection stays.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds a request's head may take to arrive; then 408."
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds of slack before MIN_BODY_RATE applies to a body."
+    )
+    min_body_rate: int = Field(
+        4096, ge=0, description="Bytes per second a body must average; slower gets 408."
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="Open connections per worker; one more gets 503 and is closed."
+    )
     max_requests: int = Field(0, ge=0, description="Restart a worker after this many; 0 never.")
     max_requests_jitter: int = Field(0, ge=0)
 

@@ -38,6 +38,7 @@ from uvicorn.protocols.http.httptools_impl import (
 
 from api.admission import Door, hold_for
 from api.errors import ErrorAnswer
+from api.read_limits import CLOSED, OPEN, SWEEP_S, ReadLimits, Sweep
 
 # How much of a waiting request the parked path reads to judge it: its head must fit.
 HEAD_BYTES = 8192
@@ -109,9 +110,32 @@ class AdmissionProtocol(HttpToolsProtocol):
         self._discard = 0  # bytes of a refused request's body still to drop
         self._sock: socket.socket | None = None
         self._parkable = False
+        # Read limits (api/read_limits.py): when the connection began waiting for a head
+        # or a body, and the bytes read so far.
+        settings = getattr(self.door.state, "settings", None) if self.door else None
+        self._limits = ReadLimits.of(settings) if settings is not None else None
+        self._head_since: float | None = None
+        self._body_since: float | None = None
+        self._body_from = 0
+        self._bytes_in = 0
+        self._counted = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if (limits := self._limits) is not None:
+            if len(self.connections) > limits.max_connections:
+                CLOSED.labels("over_max_connections").inc()
+                transport.write(limits.answer("over_max_connections"))
+                transport.close()
+                return
+            OPEN.inc()
+            self._counted = True
+            self._head_since = self.loop.time()
+            sweep = getattr(self.server_state, "read_sweep", None)
+            if sweep is None:
+                sweep = Sweep(self.loop, self.connections)  # type: ignore[arg-type]
+                self.server_state.read_sweep = sweep  # type: ignore[attr-defined]
+            sweep.start()
         # What waits in the socket is read past the transport only on plain TCP: not
         # under TLS, whose bytes the transport decrypts, nor on a Unix socket.
         raw = transport.get_extra_info("socket")
@@ -188,7 +212,47 @@ class AdmissionProtocol(HttpToolsProtocol):
 
     # Parking (see the module's docstring).
 
+    # Read limits (see api/read_limits.py).
+
+    def on_headers_complete(self) -> None:
+        self._head_since = None
+        self._body_since, self._body_from = self.loop.time(), self._bytes_in
+        super().on_headers_complete()
+
+    def check_reads(self, now: float) -> None:
+        """Closes the connection with a 408 if its head or body arrives too slowly."""
+        limits = self._limits
+        if limits is None or self.transport.is_closing():
+            return
+        if self._head_since is not None:
+            if not self.flow.read_paused and limits.head_too_slow(now - self._head_since):
+                self._close_for("header_timeout")
+        elif self._body_since is not None:
+            if self.flow.read_paused:  # the app has not taken what came: not the client
+                self._body_since += min(SWEEP_S, now - self._body_since)
+            elif limits.body_too_slow(now - self._body_since, self._bytes_in - self._body_from):
+                self._close_for("body_timeout")
+
+    def _close_for(self, reason: str) -> None:
+        assert self._limits is not None
+        CLOSED.labels(reason).inc()
+        self.logger.info("Closing a connection: %s", self._limits.explain(reason))
+        cycle = self.cycle
+        if reason == "header_timeout":  # the last request's answer, if any, is complete
+            answer = cycle is None or cycle.response_complete
+        else:  # the body's request is still unanswered
+            answer = cycle is not None and not cycle.response_started
+        if answer:
+            self.transport.write(self._limits.answer(reason))
+        if cycle is not None and not cycle.response_complete:
+            # The app waiting for the body hears a disconnect, and what it sends is
+            # dropped, as for a client that went away.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.transport.close()
+
     def on_message_complete(self) -> None:
+        self._body_since = None
         super().on_message_complete()
         if self._park_after is not None and self._park_after is self.cycle:
             self._park_after = None
@@ -198,6 +262,8 @@ class AdmissionProtocol(HttpToolsProtocol):
         # A request pipelined behind the refused one was read with it: it goes the
         # normal way (held in _start_asgi_task), and the connection does not park.
         self._park_after = None
+        if self._head_since is None:
+            self._head_since = self.loop.time()
         if self._park_timer is not None:
             self._unpark(resume=True)
         super().on_message_begin()
@@ -344,6 +410,7 @@ class AdmissionProtocol(HttpToolsProtocol):
         return end + 4 + int(length)
 
     def data_received(self, data: bytes) -> None:
+        self._bytes_in += len(data)
         if self._discard:
             dropped = min(self._discard, len(data))
             self._discard -= dropped
@@ -380,4 +447,7 @@ class AdmissionProtocol(HttpToolsProtocol):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._counted:
+            self._counted = False
+            OPEN.dec()
         super().connection_lost(exc)

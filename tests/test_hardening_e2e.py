@@ -4,6 +4,7 @@ refusal is a fast 4xx or 503 with a JSON detail, and the server keeps serving.""
 import base64
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -244,3 +245,89 @@ def test_a_slow_upload_on_an_idle_server_is_answered(tmp_path: Path) -> None:
         head, _, payload = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), answer[:300]
         assert json.loads(payload)["prediction"]["label"] in TOP1["coffee"]
+
+
+# 9. Read timeouts and a cap on connections: every slow or extra connection is answered
+# and closed, and counted.
+
+
+@pytest.fixture(scope="module")
+def strict_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    env = {
+        "HEADER_TIMEOUT_S": "1",
+        "BODY_TIMEOUT_S": "1",
+        "MIN_BODY_RATE": "100000",
+        "MAX_CONNECTIONS": "4",
+    }
+    with running_server(env, tmp_path_factory.mktemp("strict") / "server.log") as server:
+        yield server
+
+
+def connect(server: Server) -> socket.socket:
+    port = int(server.url.rsplit(":", 1)[1])
+    return socket.create_connection(("127.0.0.1", port), timeout=15)
+
+
+def read_to_end(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and how long that took."""
+    started, answer = time.monotonic(), b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer, time.monotonic() - started
+
+
+def closed_count(server: Server, reason: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    found = re.search(rf'http_connections_closed_total{{reason="{reason}"}} ([\d.]+)', text)
+    assert found, text[:500]
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /cls HTTP/1.1\r\nHost: x\r\n"])
+def test_a_head_that_does_not_arrive_is_answered_408(strict_server: Server, sent: bytes) -> None:
+    before = closed_count(strict_server, "header_timeout")
+    with connect(strict_server) as sock:
+        sock.sendall(sent)
+        answer, took = read_to_end(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer
+    assert "HEADER_TIMEOUT_S=1 s" in json.loads(body)["detail"]
+    assert took < 5, took  # 1 s, checked once a second
+    assert closed_count(strict_server, "header_timeout") == before + 1
+    still_serves(strict_server)
+
+
+def test_a_body_slower_than_the_minimum_rate_is_answered_408(strict_server: Server) -> None:
+    before = closed_count(strict_server, "body_timeout")
+    with connect(strict_server) as sock:
+        sock.sendall(
+            b"POST /cls HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 1000000\r\n\r\n--b\r\n"
+            b'Content-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+            + photo_bytes("coffee")[:1000]
+        )
+        answer, took = read_to_end(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer
+    assert "MIN_BODY_RATE=100000" in json.loads(body)["detail"]
+    assert took < 6, took
+    assert closed_count(strict_server, "body_timeout") == before + 1
+    still_serves(strict_server)
+    assert "ERROR" not in strict_server.output(), strict_server.output()[-3000:]
+
+
+def test_a_connection_past_max_connections_gets_503_and_is_closed(strict_server: Server) -> None:
+    before = closed_count(strict_server, "over_max_connections")
+    idle = [connect(strict_server) for _ in range(4)]
+    try:
+        with connect(strict_server) as extra:
+            answer, _ = read_to_end(extra)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), answer
+        assert b"retry-after: 1" in head.lower()
+        assert "MAX_CONNECTIONS=4" in json.loads(body)["detail"]
+    finally:
+        for sock in idle:
+            sock.close()
+    assert closed_count(strict_server, "over_max_connections") == before + 1
+    still_serves(strict_server)
