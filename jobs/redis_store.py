@@ -164,14 +164,20 @@ class RedisJobStore:
 
     @_unavailable
     async def admit(self, nbytes: int) -> None:
-        live, items, queued = await (
-            self._redis.pipeline(transaction=False)
-            .scard(self._keys[0])
-            .get(self._keys[1])
-            .get(self._keys[2])
-            .execute()
-        )
-        self.limits.check(live, int(items or 0), int(queued or 0), 0, nbytes)
+        await self._check_room(0, nbytes)
+
+    async def _check_room(self, new_items: int, new_bytes: int, idem: str = "") -> None:
+        """Raises StoreFull if a job of ``new_items`` images, ``new_bytes`` in all, would
+        not fit now, unless ``idem`` (an idempotency key's Redis key) names a job already
+        made, whose replay needs no room. create.lua decides for good; this spares
+        writing the images of a job it would refuse."""
+        pipeline = self._redis.pipeline(transaction=False)
+        pipeline.scard(self._keys[0]).get(self._keys[1]).get(self._keys[2])
+        if idem:
+            pipeline.exists(idem)
+        live, items, queued, *replay = await pipeline.execute()
+        if not (replay and replay[0]):
+            self.limits.check(live, int(items or 0), int(queued or 0), new_items, new_bytes)
 
     @_unavailable
     async def create(
@@ -189,7 +195,13 @@ class RedisJobStore:
             if not isinstance(item, bytes)
             for part in (str(i), json.dumps(item))
         ]
+        idem = ""
+        if idempotency_key is not None:
+            hashed = hashlib.sha256(scoped_key(task, idempotency_key).encode()).hexdigest()
+            idem = f"{self.prefix}:idempotency:{hashed}"
+        nbytes = sum(len(data) for data in images.values())
         if images:
+            await self._check_room(len(images), nbytes, idem)  # before writing them
             data_key = f"{self._job_key(job_id)}:data"
             await (
                 self._bulk.pipeline(transaction=True)
@@ -197,11 +209,6 @@ class RedisJobStore:
                 .expire(data_key, _UNCLAIMED_DATA_TTL_S)
                 .execute()
             )
-        idem = ""
-        if idempotency_key is not None:
-            hashed = hashlib.sha256(scoped_key(task, idempotency_key).encode()).hexdigest()
-            idem = f"{self.prefix}:idempotency:{hashed}"
-        nbytes = sum(len(data) for data in images.values())
         args: list[Any] = [
             self.prefix,
             job_id,

@@ -125,6 +125,29 @@ async def test_unreadable_items_are_results_from_the_start(store: JobStore) -> N
     assert [item.index for item in await take_all(store, 1)] == [1]
 
 
+async def test_redis_writes_no_image_of_a_job_that_does_not_fit(
+    redis_service: RedisServer,
+) -> None:
+    store = open_store("redis", redis_service)
+    await store.start()
+    try:
+        summary, _ = await store.create([b"x" * 600], "key-1", digest="d")
+
+        def writes() -> int:
+            with redis_service.client() as client:
+                return int(client.info("commandstats").get("cmdstat_hset", {}).get("calls", 0))
+
+        before = writes()
+        with pytest.raises(StoreFull, match="MAX_QUEUED_JOB_BYTES"):
+            await store.create([b"y" * 600])  # 1200 bytes queued would pass 1000
+        assert writes() == before  # refused before its images were sent to Redis
+        # A replay of a job already made needs no room: it is answered, not refused.
+        again, created = await store.create([b"x" * 600], "key-1", digest="d")
+        assert (again["job_id"], created) == (summary["job_id"], False)
+    finally:
+        await store.close()
+
+
 async def test_a_job_whose_items_are_all_unreadable_fails_at_once(store: JobStore) -> None:
     summary, _ = await store.create([ERROR, ERROR])
     job = await store.get(summary["job_id"])
