@@ -125,7 +125,8 @@ class AdmissionProtocol(HttpToolsProtocol):
         if (limits := self._limits) is not None:
             if len(self.connections) > limits.max_connections:
                 CLOSED.labels("over_max_connections").inc()
-                transport.write(limits.answer("over_max_connections"))
+                refusal = limits.answer("over_max_connections")
+                transport.write(self._render(refusal, keep_alive=False))
                 transport.close()
                 return
             OPEN.inc()
@@ -133,7 +134,7 @@ class AdmissionProtocol(HttpToolsProtocol):
             self._head_since = self.loop.time()
             sweep = getattr(self.server_state, "read_sweep", None)
             if sweep is None:
-                sweep = Sweep(self.loop, self.connections)  # type: ignore[arg-type]
+                sweep = Sweep(self.loop, self.connections)
                 self.server_state.read_sweep = sweep  # type: ignore[attr-defined]
             sweep.start()
         # What waits in the socket is read past the transport only on plain TCP: not
@@ -243,7 +244,7 @@ class AdmissionProtocol(HttpToolsProtocol):
         else:  # the body's request is still unanswered
             answer = cycle is not None and not cycle.response_started
         if answer:
-            self.transport.write(self._limits.answer(reason))
+            self.transport.write(self._render(self._limits.answer(reason), keep_alive=False))
         if cycle is not None and not cycle.response_complete:
             # The app waiting for the body hears a disconnect, and what it sends is
             # dropped, as for a client that went away.

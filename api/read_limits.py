@@ -21,10 +21,11 @@ closed at once. Each of these closes is counted in /metrics.
 import asyncio
 import json
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from api.errors import ErrorAnswer
 from settings import Settings
 
 SWEEP_S = 1.0
@@ -83,26 +84,21 @@ class ReadLimits:
             "retry later, or reuse a connection (keep-alive)"
         )
 
-    def answer(self, reason: str) -> bytes:
-        """The whole response that closes a connection for ``reason``."""
-        body = json.dumps({"detail": self.explain(reason)}).encode()
+    def answer(self, reason: str) -> ErrorAnswer:
+        """The answer that closes a connection for ``reason``: 408, or 503 with
+        Retry-After past MAX_CONNECTIONS."""
+        detail = json.dumps({"detail": self.explain(reason)}, separators=(",", ":"))
         if reason == "over_max_connections":
-            status = b"503 Service Unavailable\r\nretry-after: 1"
-        else:
-            status = b"408 Request Timeout"
-        head = b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n" % status
-        return head + b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
-
-
-class Watched(Protocol):
-    def check_reads(self, now: float) -> None: ...
+            return ErrorAnswer(503, {"Retry-After": "1"}, detail.encode())
+        return ErrorAnswer(408, {}, detail.encode())
 
 
 class Sweep:
     """Once a second while any connection is open, asks each whether it reads too
-    slowly. One per uvicorn server; ``connections`` is its set of open protocols."""
+    slowly. One per uvicorn server; ``connections`` is its set of open protocols (HTTP
+    ones answer ``check_reads``; WebSocket ones are in it too)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, connections: set[Watched]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, connections: set[Any]) -> None:
         self.loop = loop
         self.connections = connections
         self._timer: asyncio.TimerHandle | None = None
