@@ -105,9 +105,7 @@ def test_32_bit_signed_pixels_clip_to_black_and_white() -> None:
 
 
 def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")  # uint16: I;16, 4 channels: RGBA
-    return buffer.getvalue()
+    return encode(Image.fromarray(pixels), "PNG")  # uint16: I;16, 4 channels: RGBA
 
 
 def test_a_large_16_bit_image_is_reduced_as_a_full_conversion_then_reduce_would() -> None:

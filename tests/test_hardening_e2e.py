@@ -2,7 +2,6 @@
 refusal is a fast 4xx or 503 with a JSON detail, and the server keeps serving."""
 
 import base64
-import io
 import json
 import re
 import socket
@@ -18,7 +17,7 @@ import pytest
 from PIL import Image
 
 from harness.server import GUNICORN, Server, running_server
-from tests.images import TOP1, photo_bytes
+from tests.images import TOP1, encode, photo_bytes
 from tests.test_jobs_e2e import photos, poll_until_finished, read_events, submit
 
 MB = 1024 * 1024
@@ -105,18 +104,12 @@ def test_a_large_json_job_of_photos_is_still_taken(server: Server) -> None:
 # 4. Decoding holds MAX_DECODE_PIXELS at once, about 5 bytes each, however many decode.
 
 
-def big_png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_decoding_memory_is_bounded_by_the_pixel_budget(tmp_path: Path) -> None:
     side = 6300  # 39.7 million pixels, under MAX_IMAGE_PIXELS; each file is under 100 KB
-    grey16 = big_png(np.zeros((side, side), dtype=np.uint16))
+    grey16 = encode(Image.fromarray(np.zeros((side, side), dtype=np.uint16)), "PNG")
     grey_alpha = np.zeros((side, side, 2), dtype=np.uint8)
     grey_alpha[..., 1] = 128
-    translucent = big_png(grey_alpha)  # LA
+    translucent = encode(Image.fromarray(grey_alpha), "PNG")  # LA
     env = {"DECODE_WORKERS": "4", "MAX_DECODE_PIXELS": "80000000", "TIMEOUT": "15"}
     with running_server(env, tmp_path / "server.log") as server:
         uploads = [grey16, translucent] * 4
@@ -223,8 +216,7 @@ def test_a_slow_upload_on_an_idle_server_is_answered(tmp_path: Path) -> None:
         + f"\r\n--{boundary}--\r\n".encode()
     )
     with running_server({"TIMEOUT": "1"}, tmp_path / "server.log") as server:
-        port = int(server.url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        with connect(server) as sock:
             sock.sendall(
                 (
                     f"POST /cls HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
@@ -238,9 +230,7 @@ def test_a_slow_upload_on_an_idle_server_is_answered(tmp_path: Path) -> None:
                 sock.sendall(body[start : start + step])
                 time.sleep(0.1)
             sent_in = time.monotonic() - started
-            answer = b""
-            while chunk := sock.recv(65536):
-                answer += chunk
+            answer, _ = read_to_end(sock)
         assert sent_in > 2.5, sent_in
         head, _, payload = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), answer[:300]

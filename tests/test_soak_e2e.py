@@ -6,9 +6,7 @@ memory stays flat, and it logs no ERROR.
 SOAK_SECONDS sets the length (120 s by default).
 """
 
-import io
 import itertools
-import json
 import os
 import threading
 import time
@@ -22,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from harness.server import Server, running_server
-from tests.images import TOP1, photo_bytes, png_claiming, truncated_jpeg
+from tests.images import TOP1, encode, photo_bytes, png_claiming, truncated_jpeg
 from tests.test_hardening_e2e import connect, read_to_end
 from tests.test_jobs_e2e import photos, poll_until_finished, submit
 
@@ -37,19 +35,13 @@ def rss(pid: int) -> int:
     raise KeyError("VmRSS")
 
 
-def gray16_png(side: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.zeros((side, side), dtype=np.uint16)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 class Soak:
     """The actions, each asserting what a client must see."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.url = server.url
-        self.big_gray = gray16_png(4000)
+        self.big_gray = encode(Image.fromarray(np.zeros((4000, 4000), dtype=np.uint16)), "PNG")
         self.finished_job: str | None = None
 
     def upload(self, data: bytes, expected: int) -> httpx.Response:
@@ -147,7 +139,7 @@ class Soak:
             f"{self.url}/jobs", files=other, headers={"Idempotency-Key": key}, timeout=60
         )
         assert again.status_code == 422, again.text
-        assert json.loads(again.text)["detail"]
+        assert again.json()["detail"]
 
 
 def test_mixed_bad_input_for_minutes_leaves_the_server_serving_and_flat(tmp_path: Path) -> None:
