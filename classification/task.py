@@ -21,14 +21,20 @@ HOW_TO_SEND = (
 )
 
 
+def image_text(value: Any) -> str:
+    """The base64 text of a JSON image: ``{"image": "<base64>"}`` or the string itself."""
+    text = value.get("image") if isinstance(value, dict) else value
+    if not isinstance(text, str):
+        raise InputError(f"JSON field 'image' (a base64 string) is missing: {HOW_TO_SEND}", 422)
+    return text
+
+
 def image_bytes(payload: Payload) -> bytes:
     """The image of a request: an uploaded file, ``{"image": "<base64>"}``, or (as a job's
     JSON item) the base64 string itself, optionally as a ``data:`` URI."""
     if isinstance(payload, bytes):
         return payload
-    text = payload.get("image") if isinstance(payload, dict) else payload
-    if not isinstance(text, str):
-        raise InputError(f"JSON field 'image' (a base64 string) is missing: {HOW_TO_SEND}", 422)
+    text = image_text(payload)
     if text.startswith("data:"):
         header, comma, text = text.partition(",")
         if not comma or not header.endswith(";base64"):
@@ -74,6 +80,9 @@ class ImageTask:
     }
     model: ImageModel
     max_pixels: int
+
+    def check_item(self, value: Any) -> None:
+        image_text(value)
 
     def prepare(self, payload: Payload) -> np.ndarray:
         return self.model.prepare(image_bytes(payload), max_pixels=self.max_pixels)

@@ -4,7 +4,8 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,6 +24,7 @@ from jobs.store import (
     CancelCallback,
     ChangeFeed,
     IdempotencyConflict,
+    Reading,
     StoreLimits,
     kept_bytes,
     scoped_key,
@@ -87,6 +89,7 @@ class MemoryJobStore:
         self.limits = limits
         self.ttl_s = ttl_s
         self.feed = ChangeFeed()
+        self.reading = Reading()
         self._clock = clock
         self._jobs: dict[str, _Job] = {}
         self._by_key: dict[str, str] = {}
@@ -107,8 +110,13 @@ class MemoryJobStore:
     async def close(self) -> None:
         self.feed.close()
 
-    async def admit(self, nbytes: int) -> None:
-        self._check_room(0, nbytes)
+    @asynccontextmanager
+    async def admit(self, nbytes: int) -> AsyncIterator[None]:
+        self.reading.check(
+            self.limits, self.live_jobs, self.queued_items, self.queued_bytes, nbytes
+        )
+        with self.reading.hold(nbytes):
+            yield
 
     def _check_room(self, items: int, nbytes: int) -> None:
         self.limits.check(self.live_jobs, self.queued_items, self.queued_bytes, items, nbytes)

@@ -17,7 +17,8 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -32,6 +33,7 @@ from jobs.store import (
     CancelCallback,
     ChangeFeed,
     IdempotencyConflict,
+    Reading,
     StoreLimits,
     StoreUnavailable,
     scoped_key,
@@ -97,6 +99,7 @@ class RedisJobStore:
         self.ttl_s = max(1, round(ttl_s))
         self.claim_idle_ms = round(claim_idle_s * 1000)
         self.feed = ChangeFeed()
+        self.reading = Reading()
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._redis = _client(url, timeout_s)
         self._bulk = _client(url, max(_BULK_TIMEOUT_S, 10 * timeout_s))
@@ -162,22 +165,34 @@ class RedisJobStore:
                 policy,
             )
 
-    @_unavailable
-    async def admit(self, nbytes: int) -> None:
-        await self._check_room(0, nbytes)
+    @asynccontextmanager
+    async def admit(self, nbytes: int) -> AsyncIterator[None]:
+        """Room is held in this process only: bodies read by other workers count once
+        their jobs exist, and create.lua has the last word."""
+        live, items, queued, _ = await self._counts()
+        self.reading.check(self.limits, live, items, queued, nbytes)
+        with self.reading.hold(nbytes):
+            yield
 
-    async def _check_room(self, new_items: int, new_bytes: int, idem: str = "") -> None:
-        """Raises StoreFull if a job of ``new_items`` images, ``new_bytes`` in all, would
-        not fit now, unless ``idem`` (an idempotency key's Redis key) names a job already
-        made, whose replay needs no room. create.lua decides for good; this spares
-        writing the images of a job it would refuse."""
+    @_unavailable
+    async def _counts(self, idem: str = "") -> tuple[int, int, int, bool]:
+        """Live jobs, queued images and their bytes, and whether ``idem`` (an
+        idempotency key's Redis key) names a job already made."""
         pipeline = self._redis.pipeline(transaction=False)
         pipeline.scard(self._keys[0]).get(self._keys[1]).get(self._keys[2])
         if idem:
             pipeline.exists(idem)
         live, items, queued, *replay = await pipeline.execute()
-        if not (replay and replay[0]):
-            self.limits.check(live, int(items or 0), int(queued or 0), new_items, new_bytes)
+        return live, int(items or 0), int(queued or 0), bool(replay and replay[0])
+
+    async def _check_room(self, new_items: int, new_bytes: int, idem: str = "") -> None:
+        """Raises StoreFull if a job of ``new_items`` images, ``new_bytes`` in all, would
+        not fit now, unless ``idem`` names a job already made, whose replay needs no
+        room. create.lua decides for good; this spares writing the images of a job it
+        would refuse."""
+        live, items, queued, replay = await self._counts(idem)
+        if not replay:
+            self.limits.check(live, items, queued, new_items, new_bytes)
 
     @_unavailable
     async def create(

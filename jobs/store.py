@@ -8,7 +8,8 @@ serves every worker and replica that points at the same Redis.
 import asyncio
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -88,6 +89,33 @@ class StoreLimits:
             )
 
 
+class Reading:
+    """The new jobs whose bodies this process is reading. Each counts as a live job of
+    its declared size until it is created or refused, so that uploads read at the same
+    time cannot each pass admission and then all hold their bodies. ``create`` checks
+    the limits again, for good, with what was read."""
+
+    def __init__(self) -> None:
+        self.jobs = 0
+        self.nbytes = 0
+
+    def check(
+        self, limits: StoreLimits, live: int, items: int, nbytes: int, new_bytes: int
+    ) -> None:
+        """Raises StoreFull if a body of ``new_bytes`` may not be read now."""
+        limits.check(live + self.jobs, items, nbytes + self.nbytes, 0, new_bytes)
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        self.jobs += 1
+        self.nbytes += nbytes
+        try:
+            yield
+        finally:
+            self.jobs -= 1
+            self.nbytes -= nbytes
+
+
 class ChangeFeed:
     """Wakes whoever watches a job when that job changes in any process.
 
@@ -157,9 +185,9 @@ class JobStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def admit(self, nbytes: int) -> None:
-        """Raises StoreFull if a new job of about ``nbytes`` would be refused now: called
-        before its body is read."""
+    def admit(self, nbytes: int) -> AbstractAsyncContextManager[None]:
+        """Holds room for a new job of about ``nbytes`` while its body is read and the
+        job created (``async with``); raises StoreFull on entry if there is none now."""
         ...
 
     async def create(

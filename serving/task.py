@@ -58,7 +58,7 @@ class Task(Generic[Item, Result]):
     Optional: ``Options``, a pydantic model of the request's query parameters (validated,
     422 on a bad value, passed to ``decode`` and ``encode``); ``Response``, the pydantic
     model of ``encode``'s answer, for the OpenAPI schema; ``jobs_field``, the JSON key
-    that holds a job's items; ``example``, ``warm_up`` and ``describe``.
+    that holds a job's items; ``check_item``, ``example``, ``warm_up`` and ``describe``.
     """
 
     name: ClassVar[str]
@@ -75,6 +75,12 @@ class Task(Generic[Item, Result]):
         """Turns one request's payload into an item for the model. Runs in a decode
         thread; raise InputError for an unusable input."""
         raise NotImplementedError
+
+    def check_item(self, value: Any) -> None:
+        """Raises InputError if a JSON job item can never be an input (the wrong type,
+        a field missing), so that a job's submission answers it at once rather than
+        queueing it. Runs off the event loop, once per item: keep it cheap, leave the
+        decoding to ``decode``."""
 
     def predict_batch(self, items: list[Item]) -> list[Result | Exception]:
         """Computes a batch: one result, or one exception, per item, in order. Runs in

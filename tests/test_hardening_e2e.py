@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -99,6 +100,67 @@ def test_a_large_json_job_of_photos_is_still_taken(server: Server) -> None:
     response = post_json(server, "/jobs", body)
     assert response.status_code == 202, response.text
     assert response.json()["total"] == 8
+
+
+def test_json_items_that_can_never_be_images_fail_with_422(server: Server) -> None:
+    photo = base64.b64encode(photo_bytes("rocket")).decode()
+    items = [photo, 5, {}, [photo], {"image": photo}, None]
+    response = post_json(server, "/jobs", json.dumps({"images": items}).encode())
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    final = poll_until_finished(server, job_id)[-1]
+    for index in (1, 2, 3, 5):
+        error = final["results"][index]["error"]
+        assert error["status"] == 422, error
+        assert "'image' (a base64 string) is missing" in error["detail"]
+    assert final["progress"] == {"done": 6, "failed": 4, "total": 6}
+    assert final["results"][4]["prediction"]["label"] in TOP1["rocket"]
+
+
+def test_room_is_held_while_a_job_body_is_read(tmp_path: Path) -> None:
+    """With MAX_JOBS=1, a job whose body is still arriving holds the one slot: another
+    submission is refused before its body is read, until the first breaks off or is
+    created."""
+    photo = photo_bytes("coffee")
+    boundary = "held-room-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="c.jpg"'
+            "\r\nContent-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + photo
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /jobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+
+    def probe_until(status: int) -> dict[str, Any]:
+        """An empty job: 422 when admitted, 503 when no room is left; nothing is made."""
+        deadline = time.monotonic() + 20
+        while True:
+            response = post_json(server, "/jobs", b'{"images": []}')
+            if response.status_code == status or time.monotonic() > deadline:
+                assert response.status_code == status, response.text
+                return response.json()
+
+    with running_server({"MAX_JOBS": "1"}, tmp_path / "server.log") as server:
+        probe_until(422)
+        with connect(server) as broken:
+            broken.sendall(head + body[:1000])
+            assert "MAX_JOBS" in probe_until(503)["detail"]
+        probe_until(422)  # the upload that broke off gave its room back
+        with connect(server) as sock:
+            sock.sendall(head + body[:1000])
+            probe_until(503)
+            sock.sendall(body[1000:])
+            answer, _ = read_to_end(sock)
+        assert answer.startswith(b"HTTP/1.1 202"), answer[:300]
+        job_id = json.loads(answer.partition(b"\r\n\r\n")[2])["job_id"]
+        assert poll_until_finished(server, job_id)[-1]["status"] == "succeeded"
+        probe_until(422)
 
 
 # 4. Decoding holds MAX_DECODE_PIXELS at once, about 5 bytes each, however many decode.

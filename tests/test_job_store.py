@@ -162,21 +162,47 @@ async def test_limits_count_live_jobs_and_queued_images_only(store: JobStore) ->
     with pytest.raises(StoreFull, match="MAX_QUEUED_JOB_BYTES"):
         await store.create([b"x" * 1001])
     with pytest.raises(StoreFull, match="MAX_QUEUED_JOB_BYTES"):
-        await store.admit(1001)
+        await admitted(store, 1001)
     jobs = [(await store.create([b"x" * 100]))[0]["job_id"] for _ in range(3)]
     with pytest.raises(StoreFull, match="MAX_JOBS"):
-        await store.admit(10)
+        await admitted(store, 10)
     with pytest.raises(StoreFull, match="MAX_JOBS"):
         await store.create([b"y"])
     # Finished jobs do not block new ones.
     item = (await take_all(store, 1))[0]
     await store.record(item, {"ok": True}, ok=True)
     assert await store.cancel(jobs[1]) is JobStatus.CANCELLED
-    await store.admit(900)
+    await admitted(store, 900)
     _, created = await store.create([b"z" * 800])
     assert created
     with pytest.raises(StoreFull, match="MAX_QUEUED_JOB_BYTES"):
-        await store.admit(101)
+        await admitted(store, 101)
+
+
+async def admitted(store: JobStore, nbytes: int) -> None:
+    async with store.admit(nbytes):
+        pass
+
+
+async def test_room_is_held_while_a_body_is_read(store: JobStore) -> None:
+    """Uploads read at the same time cannot each pass admission (limits as in
+    test_limits_count_live_jobs_and_queued_images_only)."""
+    async with store.admit(600):
+        with pytest.raises(StoreFull, match="MAX_QUEUED_JOB_BYTES"):
+            await admitted(store, 500)
+        async with store.admit(400):
+            # The job itself is checked on what it holds, not on the room held for it.
+            _, created = await store.create([b"x" * 300])
+            assert created
+            with pytest.raises(StoreFull, match="MAX_JOBS"):
+                await admitted(store, 1)
+    with pytest.raises(RuntimeError):
+        async with store.admit(1000 - 300):
+            raise RuntimeError("the upload broke off")
+    # Room held for bodies that failed, or became jobs, is given back.
+    await admitted(store, 700)
+    with pytest.raises(StoreFull, match="MAX_QUEUED_JOB_BYTES"):
+        await admitted(store, 701)
 
 
 async def test_cancel_ends_a_live_job_and_frees_its_items(store: JobStore) -> None:
@@ -206,7 +232,7 @@ async def test_cancel_ends_a_live_job_and_frees_its_items(store: JobStore) -> No
     events = await store.events(job_id, 0) or []
     assert [e.kind for e in events] == ["cancelled"]
     # Nothing of the cancelled job counts against the limits any more.
-    await store.admit(1000)
+    await admitted(store, 1000)
     assert await store.cancel("0" * 32) is None
 
 

@@ -13,7 +13,7 @@ from api.payloads import read_job_payloads
 from api.schemas import error_responses
 from api.sse import job_events
 from jobs import JobStatus, JobStore, content_digest
-from serving import Engine, InputError, Payload
+from serving import Engine, InputError, Payload, Task
 from serving.service import pack_job_item
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -46,26 +46,37 @@ async def create_job(
     engine.require_ready()
     settings = engine.settings
     declared = request.headers.get("content-length", "")
-    # Refused before the body is read when the store is full.
-    await store.admit(int(declared) if declared.isdigit() else settings.max_job_bytes)
-    field = engine.services[task].task.jobs_field
-    items = await read_job_payloads(request, settings.max_job_files, field)
-    # Off the event loop: a JSON item is serialised again, up to MAX_JOB_BYTES in all.
-    payload = await asyncio.to_thread(_pack, items)
-    del items
-    digest = "" if idempotency_key is None else await asyncio.to_thread(content_digest, payload)
-    job, created = await store.create(payload, idempotency_key, task, digest)
+    task_object = engine.services[task].task
+    size = int(declared) if declared.isdigit() else settings.max_job_bytes
+    # Refused before the body is read when the store is full; room is held until the
+    # job exists, so that concurrent uploads cannot all pass.
+    async with store.admit(min(size, settings.max_job_bytes)):
+        items = await read_job_payloads(request, settings.max_job_files, task_object.jobs_field)
+        # Off the event loop: a JSON item is serialised again, up to MAX_JOB_BYTES.
+        payload = await asyncio.to_thread(_pack, items, task_object)
+        del items
+        digest = "" if idempotency_key is None else await asyncio.to_thread(content_digest, payload)
+        job, created = await store.create(payload, idempotency_key, task, digest)
     headers = {"Location": f"/jobs/{job['job_id']}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
     return JSONResponse(job, 202, headers=headers)
 
 
-def _pack(items: list[Payload | InputError]) -> list[bytes | dict[str, Any]]:
-    return [
-        {"error": describe(item)} if isinstance(item, InputError) else pack_job_item(item)
-        for item in items
-    ]
+def _pack(items: list[Payload | InputError], task: Task[Any, Any]) -> list[bytes | dict[str, Any]]:
+    """Each item as a job store keeps it; one the task can never take becomes its error
+    result at once."""
+    packed: list[bytes | dict[str, Any]] = []
+    for item in items:
+        if not isinstance(item, (bytes, InputError)):
+            try:
+                task.check_item(item)
+            except InputError as exc:
+                item = exc
+        packed.append(
+            {"error": describe(item)} if isinstance(item, InputError) else pack_job_item(item)
+        )
+    return packed
 
 
 JOB_ERRORS = error_responses(
