@@ -125,7 +125,7 @@ class _Parse:
 
 
 def loads_in_pieces(
-    data: bytes, *, max_items: int | None = None, max_values: int | None = None
+    data: bytes | bytearray, *, max_items: int | None = None, max_values: int | None = None
 ) -> Any:
     """What ``json.loads(data)`` returns, with the same errors (ValueError, and
     UnicodeDecodeError for bytes that are not UTF-8, RecursionError for nesting deeper
