@@ -4,11 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev services run test lint typecheck pytest docker-check bench bench-jobs bench-overload page-screenshot calibrate clean
+.PHONY: help install install-dev services run test test-fast lint typecheck pytest docker-check bench bench-jobs bench-overload page-screenshot calibrate clean
 
 help:
 	@echo "make run    - create $(VENV) if needed, install what changed, serve on :5001"
 	@echo "make test   - lint, type-check and run the whole test suite"
+	@echo "make test-fast - the unit tests only (no server processes, no model timing), under a minute"
 	@echo "make docker-check - replay the Dockerfile in a fresh virtualenv and serve one request"
 	@echo "make bench  - offline limits, ours beside Triton, mosec, LitServe, overload; writes bench/results/"
 
@@ -51,6 +52,10 @@ pytest: install-dev services
 	$(PY) -m pytest
 
 test: lint typecheck pytest
+
+# The tests not marked e2e: what to run after each edit.
+test-fast: install-dev services
+	$(PY) -m pytest -m "not e2e"
 
 # A benchmark, not a test: about a quarter of an hour (two more minutes on its first run, to
 # make .venv-triton for the Triton peer), and the machine should be otherwise idle.

@@ -15,6 +15,8 @@ from classification import Classifier, load_model
 from serving.warmup import BATCH_OVERHEAD_S, TUNE_SHARE, choose_batch_size, serving_scores
 from tests.images import PHOTOS, photo_bytes
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

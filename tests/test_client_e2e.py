@@ -12,6 +12,8 @@ import pytest
 from harness.server import ROOT, Server, running_server
 from tests.images import PHOTOS, TOP1, photo_of, truncated_jpeg
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:

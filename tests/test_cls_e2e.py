@@ -27,6 +27,8 @@ from tests.images import (
     truncated_jpeg,
 )
 
+pytestmark = pytest.mark.e2e
+
 
 def post_file(
     server: Server, data: bytes, name: str = "image.jpg", **params: object

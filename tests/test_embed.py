@@ -10,6 +10,8 @@ from classification import Embedder, load_model
 from harness import calibration
 from tests.images import encode, photo_bytes
 
+pytestmark = pytest.mark.e2e
+
 PHOTOS = ("chelsea", "coffee", "rocket")
 
 

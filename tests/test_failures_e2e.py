@@ -11,9 +11,9 @@ from harness.server import GUNICORN, launch, stop, wait_ready
 from main import create_app
 from settings import Settings
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
-FAULTY = "tests.faulty_tasks"
+FAULTY = "tests.tasks"
 
 
 def test_a_failed_warm_up_stops_the_process_for_its_supervisor(tmp_path: Path) -> None:
@@ -43,7 +43,7 @@ def test_a_load_longer_than_the_worker_timeout_does_not_get_the_worker_killed(
 
 async def test_a_dead_batch_loop_fails_liveness_and_readiness() -> None:
     stopped: list[str] = []
-    app = create_app(Settings(tasks="tests.test_tasks_e2e:Square"), exit_on_failure=False)
+    app = create_app(Settings(tasks="tests.tasks:Square"), exit_on_failure=False)
     async with app.router.lifespan_context(app):
         engine = app.state.engine
         engine._on_failure = stopped.append

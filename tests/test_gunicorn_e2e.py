@@ -13,9 +13,10 @@ import httpx
 import pytest
 
 from harness.server import GUNICORN, ROOT, Server, launch, running_server, stop, wait_ready
+from tests.helpers import metric
 from tests.images import TOP1, photo_bytes
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 CAT = photo_bytes("chelsea")
 
@@ -26,19 +27,6 @@ async def post_cat(client: httpx.AsyncClient) -> int | str:
     except httpx.TransportError as exc:
         return type(exc).__name__
     return response.status_code
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{name}(?:\{{(.*)\}})? (\S+)$", line)
-        if not match:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
 
 
 def worker_pids(server: Server) -> list[int]:

@@ -4,7 +4,6 @@ refusal is a fast 4xx or 503 with a JSON detail, and the server keeps serving.""
 import base64
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,8 +17,10 @@ import pytest
 from PIL import Image
 
 from harness.server import GUNICORN, Server, running_server
+from tests.helpers import connect, photos, poll_until_finished, read_events, read_to_end, submit
 from tests.images import TOP1, encode, photo_bytes
-from tests.test_jobs_e2e import photos, poll_until_finished, read_events, submit
+
+pytestmark = pytest.mark.e2e
 
 MB = 1024 * 1024
 
@@ -313,19 +314,6 @@ def strict_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     }
     with running_server(env, tmp_path_factory.mktemp("strict") / "server.log") as server:
         yield server
-
-
-def connect(server: Server) -> socket.socket:
-    port = int(server.url.rsplit(":", 1)[1])
-    return socket.create_connection(("127.0.0.1", port), timeout=15)
-
-
-def read_to_end(sock: socket.socket) -> tuple[bytes, float]:
-    """Everything the server sends until it closes, and how long that took."""
-    started, answer = time.monotonic(), b""
-    while chunk := sock.recv(65536):
-        answer += chunk
-    return answer, time.monotonic() - started
 
 
 def closed_count(server: Server, reason: str) -> float:

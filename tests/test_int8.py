@@ -34,6 +34,8 @@ from harness.server import running_server
 from tests.images import PHOTOS, TOP1, photo_bytes
 from tests.services import require
 
+pytestmark = pytest.mark.e2e
+
 needs_shared_photos = pytest.mark.skipif(
     not calibration.FOLDER.is_dir(),
     reason=f"{calibration.FOLDER} is absent (the photos are not part of the repository)",

@@ -1,7 +1,6 @@
 """The job API end to end: a real server, the real model, real and corrupt files."""
 
 import base64
-import json
 import re
 import signal
 import socket
@@ -9,13 +8,15 @@ import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from harness.server import Server, launch, running_server, stop, wait_ready
+from tests.helpers import photos, poll_until_finished, read_events, submit
 from tests.images import TOP1, photo_bytes, photo_of, truncated_jpeg
+
+pytestmark = pytest.mark.e2e
 
 ORDER = ["chelsea", "coffee", "rocket", "coffee", "chelsea", "rocket", "rocket", "chelsea"]
 
@@ -27,64 +28,6 @@ def jobs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     env = {"MAX_JOBS": "50", "SSE_HEARTBEAT_S": "0.5", "MAX_BATCH_SIZE": "8"}
     with running_server(env, log) as server:
         yield server
-
-
-def submit(server: Server, parts: list[tuple[str, bytes]]) -> dict[str, Any]:
-    files = [("files", (name, data)) for name, data in parts]
-    response = httpx.post(f"{server.url}/jobs", files=files, timeout=60)
-    assert response.status_code == 202, response.text
-    body = response.json()
-    assert response.headers["location"] == f"/jobs/{body['job_id']}"
-    assert body["status"] == "queued"
-    assert body["total"] == len(parts)
-    return body
-
-
-def photos(names: list[str]) -> list[tuple[str, bytes]]:
-    return [(f"{name}.jpg", photo_bytes(name)) for name in names]
-
-
-def poll_until_finished(server: Server, job_id: str, timeout: float = 120) -> list[dict[str, Any]]:
-    """Every distinct state seen while polling another process; there is nothing to await."""
-    seen: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{server.url}/jobs/{job_id}", timeout=10).json()
-        if (
-            not seen
-            or job["progress"] != seen[-1]["progress"]
-            or job["status"] != seen[-1]["status"]
-        ):
-            seen.append(job)
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return seen
-        time.sleep(0.02)
-    raise TimeoutError(seen[-1] if seen else job_id)
-
-
-def read_events(
-    server: Server, job_id: str, last_event_id: str | None = None, stop_after: int | None = None
-) -> list[tuple[str | None, str, dict[str, Any]]]:
-    """(id, event, data) of each event until the stream closes or ``stop_after`` events."""
-    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    events: list[tuple[str | None, str, dict[str, Any]]] = []
-    with httpx.stream(
-        "GET", f"{server.url}/jobs/{job_id}/events", headers=headers, timeout=60
-    ) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        event_id, kind = None, "message"
-        for line in response.iter_lines():
-            if line.startswith("id: "):
-                event_id = line[4:]
-            elif line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                events.append((event_id, kind, json.loads(line[6:])))
-                event_id, kind = None, "message"
-                if stop_after is not None and len(events) >= stop_after:
-                    break
-    return events
 
 
 def test_polling_sees_progress_to_100_percent_and_ordered_correct_results(

@@ -5,52 +5,27 @@ append-only file, replicas on their own ports, and the faults a deployment meets
 replica killed or stopped mid-job, Redis paused or killed and restarted)."""
 
 import asyncio
-import json
 import os
 import re
 import signal
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from harness.server import GUNICORN, Server, launch, running_server, stop, wait_ready
+from harness.server import GUNICORN, Server, running_server
 from jobs import RedisJobStore, StoreLimits
 from serving.service import pack_job_item
+from tests.helpers import NAMES, job, read_events, replica_env, replicas, wait_for
 from tests.images import TOP1, photo_bytes, photo_of
 from tests.services import RedisServer, redis_server
 
-NAMES = ["chelsea", "coffee", "rocket"]
-
-
-def replica_env(redis: RedisServer, prefix: str, **extra: str) -> dict[str, str]:
-    return {
-        "JOB_STORE": "redis",
-        "REDIS_URL": redis.url,
-        "REDIS_PREFIX": prefix,
-        "MAX_BATCH_SIZE": "8",
-        "SSE_HEARTBEAT_S": "0.5",
-        "JOB_CLAIM_IDLE_S": "2",
-        "JOB_TTL_S": "30",
-        **extra,
-    }
-
-
-@contextmanager
-def replicas(env: dict[str, str], directory: Path, count: int) -> Iterator[list[Server]]:
-    servers = [launch(env, directory / f"replica-{i}.log") for i in range(count)]
-    try:
-        for server in servers:
-            wait_ready(server)
-        yield servers
-    finally:
-        for server in servers:
-            stop(server)
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -77,47 +52,6 @@ def submit(server: Server, names: list[str], **headers: str) -> dict[str, Any]:
     return dict(response.json())
 
 
-def job(server: Server, job_id: str) -> dict[str, Any]:
-    response = httpx.get(f"{server.url}/jobs/{job_id}", timeout=10)
-    assert response.status_code == 200, response.text
-    return dict(response.json())
-
-
-def wait_for(server: Server, job_id: str, condition: str, timeout: float = 120) -> dict[str, Any]:
-    """Polls another process until ``condition`` ("done >= N" or "finished") holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        state = job(server, job_id)
-        if condition == "finished":
-            if state["status"] in ("succeeded", "failed", "cancelled"):
-                return state
-        elif state["progress"]["done"] >= int(condition.removeprefix("done >= ")):
-            return state
-        assert time.monotonic() < deadline, state["progress"]
-        time.sleep(0.05)
-
-
-def read_events(
-    server: Server, job_id: str, last_event_id: str | None = None, stop_after: int | None = None
-) -> list[tuple[int, str, dict[str, Any]]]:
-    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    events: list[tuple[int, str, dict[str, Any]]] = []
-    url = f"{server.url}/jobs/{job_id}/events"
-    with httpx.stream("GET", url, headers=headers, timeout=60) as response:
-        assert response.status_code == 200
-        event_id, kind = 0, ""
-        for line in response.iter_lines():
-            if line.startswith("id: "):
-                event_id = int(line[4:])
-            elif line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                events.append((event_id, kind, json.loads(line[6:])))
-                if stop_after is not None and len(events) >= stop_after:
-                    break
-    return events
-
-
 def assert_every_item_once_and_correct(
     server: Server, job_id: str, names: list[str]
 ) -> dict[str, Any]:
@@ -129,7 +63,7 @@ def assert_every_item_once_and_correct(
     events = read_events(server, job_id)
     indexes = [data["index"] for _, kind, data in events if kind == "progress"]
     assert sorted(indexes) == list(range(len(names))), "an item was recorded twice or never"
-    assert [event_id for event_id, _, _ in events] == list(range(1, len(names) + 2))
+    assert [int(event_id or 0) for event_id, _, _ in events] == list(range(1, len(names) + 2))
     return final
 
 
@@ -140,9 +74,9 @@ def test_a_job_submitted_on_one_replica_is_read_and_resumed_on_the_other(
     names = NAMES * 4
     created = submit(a, names)
     first = read_events(b, created["job_id"], stop_after=3)
-    assert [event_id for event_id, _, _ in first] == [1, 2, 3]
+    assert [int(event_id or 0) for event_id, _, _ in first] == [1, 2, 3]
     rest = read_events(a, created["job_id"], last_event_id="3")
-    assert [event_id for event_id, _, _ in rest] == list(range(4, len(names) + 2))
+    assert [int(event_id or 0) for event_id, _, _ in rest] == list(range(4, len(names) + 2))
     assert rest[-1][1] == "done"
     for _, kind, data in first + rest[:-1]:
         assert kind == "progress"

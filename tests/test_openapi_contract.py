@@ -10,6 +10,8 @@ import pytest
 
 from harness.server import ROOT, Server, running_server
 
+pytestmark = pytest.mark.e2e
+
 CONFIG = ROOT / "tests" / "schemathesis.toml"
 
 

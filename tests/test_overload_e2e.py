@@ -13,7 +13,7 @@ import pytest
 from harness.server import Server, launch, running_server, stop, wait_ready
 from tests.images import photo_bytes
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 CAT = photo_bytes("chelsea")
 

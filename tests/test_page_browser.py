@@ -21,6 +21,8 @@ from main import create_app
 from settings import Settings
 from tests.services import require
 
+pytestmark = pytest.mark.e2e
+
 DATA = Path(__file__).parent / "data"
 PHOTOS = {"chelsea.jpg": "cat", "coffee.jpg": "espresso", "rocket.jpg": "missile"}
 

@@ -9,11 +9,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 from harness.server import ROOT, Server, free_port, stop
+from tests.helpers import NAMES, replica_env, replicas, wait_for
 from tests.images import photo_bytes, photo_of
 from tests.services import redis_server, require
-from tests.test_jobs_redis_e2e import NAMES, replica_env, replicas, wait_for
+
+pytestmark = pytest.mark.e2e
 
 CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from harness.server import Server, running_server
+from tests.helpers import connect, photos, poll_until_finished, read_to_end, submit
 from tests.images import TOP1, encode, photo_bytes, png_claiming, truncated_jpeg
-from tests.test_hardening_e2e import connect, read_to_end
-from tests.test_jobs_e2e import photos, poll_until_finished, submit
+
+pytestmark = pytest.mark.e2e
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "120"))
 MB = 1024 * 1024

@@ -3,61 +3,20 @@ beside the image tasks; and what TASKS refuses at startup."""
 
 import asyncio
 import subprocess
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from pydantic import BaseModel, Field
 
 from harness.server import Server, launch, running_server, stop
-from serving import InputError, LoadContext, Task
+from serving import LoadContext, Task
 from serving.registry import load_tasks
+from tests.helpers import metric, poll_until_finished, read_events
 from tests.images import TOP1, photo_bytes
-from tests.test_gunicorn_e2e import metric
-from tests.test_jobs_e2e import poll_until_finished, read_events
+from tests.tasks import UNLUCKY, Square
 
-pytestmark = pytest.mark.anyio
-
-UNLUCKY = 13
-
-
-class SquareOptions(BaseModel):
-    offset: int = Field(0, ge=0, le=100)
-
-
-class Square(Task[int, int]):
-    """Squares a number: `{"x": 3}` gives `{"square": 9}`. 13 fails in the model."""
-
-    name = "square"
-    Options = SquareOptions
-
-    def load(self, context: LoadContext) -> None:
-        self.lock = threading.Lock()
-        self.threads = context.threads
-
-    def decode(self, payload: Any, options: SquareOptions) -> int:
-        x = payload.get("x") if isinstance(payload, dict) else payload
-        if not isinstance(x, int):
-            raise InputError('send {"x": <an integer>}', 422)
-        if abs(x) > 1_000_000:
-            raise InputError("x is over a million; send a smaller number", 413)
-        return x + options.offset
-
-    def predict_batch(self, items: list[int]) -> list[int | Exception]:
-        time.sleep(0.05)  # a model's time, during which other requests queue up
-        return [ValueError("unlucky") if x == UNLUCKY else x * x for x in items]
-
-    def encode(self, result: int, options: SquareOptions) -> dict[str, int]:
-        return {"square": result}
-
-    def example(self) -> int:
-        return 2
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": "square", "threads": self.threads}
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 
 class NotATask:
@@ -76,7 +35,7 @@ class ClashesWithCls(Square):
 
 
 HERE = "tests.test_tasks_e2e"
-TASKS = f"classification.task:ImageClassification,{HERE}:Square"
+TASKS = "classification.task:ImageClassification,tests.tasks:Square"
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +132,7 @@ def test_metrics_metadata_and_openapi_carry_the_task(server: Server) -> None:
     [
         (f"{HERE}:NotATask", "not a subclass of serving.Task"),
         (f"{HERE}:Incomplete", "does not implement decode, predict_batch, encode"),
-        (f"{HERE}:Square,{HERE}:Square", "names 'square' twice"),
+        ("tests.tasks:Square,tests.tasks:Square", "names 'square' twice"),
         (f"classification.task:ImageClassification,{HERE}:ClashesWithCls", "twice"),
         (f"{HERE}:Nowhere", "has no Nowhere"),
         ("no_such_package.module:Task", "cannot import no_such_package.module"),

@@ -1,0 +1,149 @@
+"""What the end-to-end tests share: talking to a real server about jobs, reading its
+metrics, raw sockets, and a set of replicas on one Redis."""
+
+import json
+import re
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from harness.server import Server, launch, stop, wait_ready
+from tests.images import photo_bytes
+from tests.services import RedisServer
+
+
+def submit(server: Server, parts: list[tuple[str, bytes]]) -> dict[str, Any]:
+    files = [("files", (name, data)) for name, data in parts]
+    response = httpx.post(f"{server.url}/jobs", files=files, timeout=60)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert response.headers["location"] == f"/jobs/{body['job_id']}"
+    assert body["status"] == "queued"
+    assert body["total"] == len(parts)
+    return body
+
+
+def photos(names: list[str]) -> list[tuple[str, bytes]]:
+    return [(f"{name}.jpg", photo_bytes(name)) for name in names]
+
+
+def poll_until_finished(server: Server, job_id: str, timeout: float = 120) -> list[dict[str, Any]]:
+    """Every distinct state seen while polling another process; there is nothing to await."""
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{server.url}/jobs/{job_id}", timeout=10).json()
+        if (
+            not seen
+            or job["progress"] != seen[-1]["progress"]
+            or job["status"] != seen[-1]["status"]
+        ):
+            seen.append(job)
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return seen
+        time.sleep(0.02)
+    raise TimeoutError(seen[-1] if seen else job_id)
+
+
+def read_events(
+    server: Server, job_id: str, last_event_id: str | None = None, stop_after: int | None = None
+) -> list[tuple[str | None, str, dict[str, Any]]]:
+    """(id, event, data) of each event until the stream closes or ``stop_after`` events."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    events: list[tuple[str | None, str, dict[str, Any]]] = []
+    with httpx.stream(
+        "GET", f"{server.url}/jobs/{job_id}/events", headers=headers, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        event_id, kind = None, "message"
+        for line in response.iter_lines():
+            if line.startswith("id: "):
+                event_id = line[4:]
+            elif line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                events.append((event_id, kind, json.loads(line[6:])))
+                event_id, kind = None, "message"
+                if stop_after is not None and len(events) >= stop_after:
+                    break
+    return events
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{name}(?:\{{(.*)\}})? (\S+)$", line)
+        if not match:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def connect(server: Server) -> socket.socket:
+    port = int(server.url.rsplit(":", 1)[1])
+    return socket.create_connection(("127.0.0.1", port), timeout=15)
+
+
+def read_to_end(sock: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and how long that took."""
+    started, answer = time.monotonic(), b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer, time.monotonic() - started
+
+
+NAMES = ["chelsea", "coffee", "rocket"]
+
+
+def replica_env(redis: RedisServer, prefix: str, **extra: str) -> dict[str, str]:
+    return {
+        "JOB_STORE": "redis",
+        "REDIS_URL": redis.url,
+        "REDIS_PREFIX": prefix,
+        "MAX_BATCH_SIZE": "8",
+        "SSE_HEARTBEAT_S": "0.5",
+        "JOB_CLAIM_IDLE_S": "2",
+        "JOB_TTL_S": "30",
+        **extra,
+    }
+
+
+@contextmanager
+def replicas(env: dict[str, str], directory: Path, count: int) -> Iterator[list[Server]]:
+    servers = [launch(env, directory / f"replica-{i}.log") for i in range(count)]
+    try:
+        for server in servers:
+            wait_ready(server)
+        yield servers
+    finally:
+        for server in servers:
+            stop(server)
+
+
+def job(server: Server, job_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{server.url}/jobs/{job_id}", timeout=10)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def wait_for(server: Server, job_id: str, condition: str, timeout: float = 120) -> dict[str, Any]:
+    """Polls another process until ``condition`` ("done >= N" or "finished") holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = job(server, job_id)
+        if condition == "finished":
+            if state["status"] in ("succeeded", "failed", "cancelled"):
+                return state
+        elif state["progress"]["done"] >= int(condition.removeprefix("done >= ")):
+            return state
+        assert time.monotonic() < deadline, state["progress"]
+        time.sleep(0.05)
