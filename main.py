@@ -18,7 +18,7 @@ from api.access_log import AccessLogMiddleware
 from api.admission import Door, EarlyAdmission
 from api.errors import describe, install_error_handlers
 from api.limits import BodySizeLimitMiddleware
-from api.protocol import AdmissionProtocol
+from api.protocol import server_options
 from api.routes import health, jobs, metadata, metrics
 from api.routes.page import page_router, read_page
 from api.routes.tasks import task_router
@@ -156,7 +156,7 @@ def run() -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
-        http=AdmissionProtocol,
+        **server_options(settings),
         timeout_graceful_shutdown=settings.connection_grace_s,
         timeout_keep_alive=settings.keepalive,
     )

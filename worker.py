@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from uvicorn_worker import UvicornWorker
 
-from api.protocol import AdmissionProtocol
+from api.protocol import server_options
 from settings import get_settings
 
 
@@ -25,7 +25,7 @@ class DrainingUvicornWorker(UvicornWorker):  # type: ignore[misc]
         **UvicornWorker.CONFIG_KWARGS,
         "timeout_graceful_shutdown": get_settings().connection_grace_s,
         "access_log": False,
-        "http": AdmissionProtocol,
+        **server_options(get_settings()),
     }
 
     async def _serve(self) -> None:

@@ -14,20 +14,24 @@ parsed or handed to Python, and the connection parks again. Under a retry storm 
 refusals take this path. Whatever else waits (a request the door admits or does not
 judge, an unusual head) is read the normal way, as if the transport had read it.
 
-    uvicorn.run(app, http=AdmissionProtocol)           (main.run does this)
-    UvicornWorker.CONFIG_KWARGS["http"] = AdmissionProtocol  (worker.py does this)
+    uvicorn.run(app, **server_options(settings))           (main.run does this)
+    UvicornWorker.CONFIG_KWARGS.update(server_options(settings))  (worker.py does this)
 
-Under another protocol or server, ``EarlyAdmission`` in front of the app does the same
-work later in the request.
+It subclasses uvicorn's private ``HttpToolsProtocol``, so it runs only under the uvicorn
+releases it was tested with (``TESTED_UVICORN``; tests/test_uvicorn_contract.py lists what
+it takes from uvicorn). Under any other release, and under another protocol or server,
+``EarlyAdmission`` in front of the app does the same work later in the request.
 """
 
 import asyncio
+import logging
 import os
 import socket
 import urllib.parse
 from typing import Any, cast
 
 import httptools
+import uvicorn
 from starlette.types import Scope
 from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import (
@@ -39,6 +43,14 @@ from uvicorn.protocols.http.httptools_impl import (
 from api.admission import Door, hold_for
 from api.errors import ErrorAnswer
 from api.read_limits import CLOSED, OPEN, SWEEP_S, ReadLimits, Sweep
+from settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# The uvicorn releases this protocol was tested with: tests/test_uvicorn_contract.py and
+# tests/test_http_edges.py pass under them. The README's development section says how to
+# add one.
+TESTED_UVICORN = frozenset({"0.54.0"})
 
 # How much of a waiting request the parked path reads to judge it: its head must fit.
 HEAD_BYTES = 8192
@@ -452,3 +464,21 @@ class AdmissionProtocol(HttpToolsProtocol):
             self._counted = False
             OPEN.dec()
         super().connection_lost(exc)
+
+
+def server_options(settings: Settings, version: str = uvicorn.__version__) -> dict[str, Any]:
+    """uvicorn's HTTP options: AdmissionProtocol under a tested uvicorn release. Under any
+    other, uvicorn's own protocol, MAX_CONNECTIONS as its ``limit_concurrency``, and one
+    warning that says what is lost."""
+    if version in TESTED_UVICORN:
+        return {"http": AdmissionProtocol}
+    logger.warning(
+        "uvicorn %s is not a release this server was tested with (%s): serving with"
+        " uvicorn's own HTTP protocol. Admission now refuses inside the app (slower under a"
+        " retry storm), HEADER_TIMEOUT_S, BODY_TIMEOUT_S and MIN_BODY_RATE are not enforced,"
+        " and MAX_CONNECTIONS counts connections and requests together. Install the uvicorn"
+        " in requirements.txt, or see the README's development section to upgrade.",
+        version,
+        ", ".join(sorted(TESTED_UVICORN)),
+    )
+    return {"http": "httptools", "limit_concurrency": settings.max_connections}

@@ -1,18 +1,24 @@
 """What the end-to-end tests share: talking to a real server about jobs, reading its
-metrics, raw sockets, and a set of replicas on one Redis."""
+metrics, raw sockets, a set of replicas on one Redis, and an app served in-process."""
 
+import asyncio
+import contextlib
 import json
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
+from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
-from harness.server import Server, launch, stop, wait_ready
+from api.protocol import AdmissionProtocol
+from harness.server import Server, free_port, launch, stop, wait_ready
 from tests.images import photo_bytes
 from tests.services import RedisServer
 
@@ -147,3 +153,39 @@ def wait_for(server: Server, job_id: str, condition: str, timeout: float = 120) 
             return state
         assert time.monotonic() < deadline, state["progress"]
         time.sleep(0.05)
+
+
+class Spy:
+    """Wraps an app and records the path of every HTTP request that reaches it."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.paths: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.paths.append(scope["path"])
+        await self.app(scope, receive, send)
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Spy, **options: Any) -> AsyncIterator[str]:
+    """``app`` behind uvicorn in this process, on a free port, with the protocol main.run
+    and the worker use unless ``options`` say otherwise; yields its base URL once the
+    models are warm."""
+    port = free_port()
+    options = {"http": AdmissionProtocol, "log_level": "warning", **options}
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, **options)
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 60
+    while not server.started:  # uvicorn offers no event for this
+        assert not serving.done(), "uvicorn stopped while starting"
+        assert time.monotonic() < deadline, "uvicorn did not start within a minute"
+        await asyncio.sleep(0.02)
+    await asyncio.wait_for(app.app.state.engine.warmed_up.wait(), timeout=60)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving

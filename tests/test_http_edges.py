@@ -2,7 +2,6 @@
 kept off the event loop, and refusals at the door. A small task stands in for the model."""
 
 import asyncio
-import contextlib
 import gc
 import json
 import logging
@@ -11,15 +10,14 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from api.json_pieces import loads_in_pieces
 from api.protocol import WAKE_STEP_S, AdmissionProtocol
-from harness.server import free_port
 from main import create_app
 from settings import Settings
+from tests.helpers import Spy, serve
 from tests.tasks import Square
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -226,42 +224,6 @@ async def test_a_refusal_is_answered_before_any_of_fastapis_layers() -> None:
     assert reached == ["/health/live"]
 
 
-class Spy:
-    """Wraps an app and records the path of every HTTP request that reaches it."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.app = app
-        self.paths: list[str] = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            self.paths.append(scope["path"])
-        await self.app(scope, receive, send)
-
-
-@contextlib.asynccontextmanager
-async def serve(
-    app: Spy, protocol: type[AdmissionProtocol] = AdmissionProtocol
-) -> AsyncIterator[str]:
-    """``app`` behind uvicorn, with the protocol main.run and the worker use, on a free
-    port; yields its base URL once the models are warm."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_level="warning")
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 60
-    while not server.started:  # uvicorn offers no event for this
-        assert not serving.done(), "uvicorn stopped while starting"
-        assert time.monotonic() < deadline, "uvicorn did not start within a minute"
-        await asyncio.sleep(0.02)
-    await asyncio.wait_for(app.app.state.engine.warmed_up.wait(), timeout=60)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await serving
-
-
 async def test_the_server_refuses_and_paces_before_the_app_is_called() -> None:
     # TIMEOUT far below one batch: admission refuses every request up front.
     spy = Spy(create_app(Settings(tasks="tests.tasks:Square", timeout=1e-6)))
@@ -334,7 +296,7 @@ def padded(size: int) -> bytes:
 
 async def test_a_client_back_before_retry_after_is_refused_without_reading_its_body() -> None:
     spy = Spy(create_app(Settings(tasks="tests.tasks:Square", timeout=1e-6)))
-    async with serve(spy, Counting) as url:
+    async with serve(spy, http=Counting) as url:
         reader, writer = await connect(url)
         writer.write(post(b'{"x": 2}'))
         status, headers, refused_at = await answer(reader)
