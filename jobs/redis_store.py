@@ -19,7 +19,6 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from redis.asyncio import Redis
@@ -27,7 +26,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from jobs.models import ItemResult, JobEvent, JobStatus, WorkItem, now_iso
+from jobs import scripts
+from jobs.models import LIVE_STATUSES, ItemResult, JobEvent, JobStatus, WorkItem, now_iso
 from jobs.store import (
     JOB_KEPT_BYTES,
     CancelCallback,
@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 GROUP = "replicas"
 # Images written before the job exists expire by themselves if the writer dies.
 _UNCLAIMED_DATA_TTL_S = 600
-_LUA = Path(__file__).with_name("lua")
 _RUNNING_CACHE = 1024
 # A job's inputs, up to MAX_JOB_BYTES, are written with a longer timeout than the
 # commands that move only counts and ids.
@@ -109,13 +108,11 @@ class RedisJobStore:
         shared = ["live", "queued_items", "queued_bytes", "work"]
         shared += ["finished", "finished_sizes", "finished_bytes"]
         self._keys = [f"{prefix}:{name}" for name in shared]
-        common = (
-            f"local MAX_FINISHED_BYTES = {limits.max_finished_bytes}\n"
-            f"local JOB_KEPT_BYTES = {JOB_KEPT_BYTES}\n" + (_LUA / "common.lua").read_text()
-        )
         self._scripts = {
-            name: self._redis.register_script(common + (_LUA / f"{name}.lua").read_text())
-            for name in ("create", "take", "record", "begin", "cancel", "remove", "release")
+            script: self._redis.register_script(
+                scripts.source(script, limits.max_finished_bytes, JOB_KEPT_BYTES)
+            )
+            for script in scripts.SCRIPTS
         }
         self._cancel_callbacks: list[CancelCallback] = []
         # Jobs recently seen running: their items begin without a round trip.
@@ -224,24 +221,23 @@ class RedisJobStore:
                 .expire(data_key, _UNCLAIMED_DATA_TTL_S)
                 .execute()
             )
-        args: list[Any] = [
-            self.prefix,
-            job_id,
-            len(items),
-            now_iso(),
-            self.limits.max_jobs,
-            self.limits.max_items,
-            self.limits.max_bytes,
-            self.ttl_s,
-            idem,
-            nbytes,
-            task,
-            digest,
-            len(images),
-            *images,
-            *errors,
-        ]
-        reply = [_text(v) for v in await self._scripts["create"](keys=self._keys, args=args)]
+        create = scripts.Create(
+            prefix=self.prefix,
+            id=job_id,
+            total=len(items),
+            now=now_iso(),
+            max_jobs=self.limits.max_jobs,
+            max_items=self.limits.max_items,
+            max_bytes=self.limits.max_bytes,
+            ttl=self.ttl_s,
+            idem=idem,
+            nbytes=nbytes,
+            task=task,
+            digest=digest,
+            nimages=len(images),
+            tail=[*images, *errors],
+        )
+        reply = [_text(v) for v in await self._run(create)]
         if reply[0] == "full":
             live, queued_items, queued_bytes = map(int, reply[1:])
             self.limits.check(live, queued_items, queued_bytes, len(images), nbytes)
@@ -300,18 +296,20 @@ class RedisJobStore:
         ]
 
     async def cancel(self, job_id: str) -> JobStatus | None:
-        return await self._end(job_id, "cancel")
+        return await self._end(job_id, scripts.Cancel)
 
     async def remove(self, job_id: str) -> JobStatus | None:
-        return await self._end(job_id, "remove")
+        return await self._end(job_id, scripts.Remove)
 
     @_unavailable
-    async def _end(self, job_id: str, script: str) -> JobStatus | None:
+    async def _end(self, job_id: str, script: type[scripts.Cancel]) -> JobStatus | None:
         """Runs the cancel or remove script, which ends the job if it is live."""
         self._running.pop(job_id, None)
-        args = [self.prefix, job_id, now_iso(), self.ttl_s]
-        status = await self._scripts[script](keys=self._keys, args=args)
+        status = await self._run(script(self.prefix, job_id, now_iso(), self.ttl_s))
         return JobStatus(_text(status)) if status else None
+
+    async def _run(self, script: scripts.Script) -> Any:
+        return await self._scripts[type(script)](keys=self._keys, args=script.args())
 
     @_unavailable
     async def take(self, count: int, wait_s: float) -> list[WorkItem]:
@@ -323,8 +321,8 @@ class RedisJobStore:
                 self._next_reclaim = time.monotonic() + self.claim_idle_ms / 4000
                 taken += await self._with_images(await self._reclaim(count))
             if len(taken) < count:
-                args = [self.prefix, GROUP, self.consumer, count - len(taken)]
-                rows = await self._scripts["take"](keys=self._keys, args=args)
+                take = scripts.Take(self.prefix, GROUP, self.consumer, count - len(taken))
+                rows = await self._run(take)
                 taken += [
                     WorkItem(_text(job_id), int(index), data, 1, _text(entry_id), _text(task))
                     for entry_id, job_id, index, task, data in rows
@@ -391,8 +389,7 @@ class RedisJobStore:
         if item.job_id in self._running:
             self._running.move_to_end(item.job_id)
             return True
-        args = [self.prefix, item.job_id, now_iso()]
-        live = bool(await self._scripts["begin"](keys=self._keys, args=args))
+        live = bool(await self._run(scripts.Begin(self.prefix, item.job_id, now_iso())))
         if live:
             self._running[item.job_id] = None
             if len(self._running) > _RUNNING_CACHE:
@@ -401,18 +398,19 @@ class RedisJobStore:
 
     @_unavailable
     async def record(self, item: WorkItem, result: ItemResult, *, ok: bool) -> None:
-        args = [
-            self.prefix,
-            item.job_id,
-            item.index,
-            json.dumps(result),
-            int(ok),
-            now_iso(),
-            self.ttl_s,
-            item.handle,
-            GROUP,
-        ]
-        await self._scripts["record"](keys=self._keys, args=args)
+        await self._run(
+            scripts.Record(
+                prefix=self.prefix,
+                id=item.job_id,
+                index=item.index,
+                result=json.dumps(result),
+                ok=int(ok),
+                now=now_iso(),
+                ttl=self.ttl_s,
+                entry=item.handle,
+                group=GROUP,
+            )
+        )
 
     @_unavailable
     async def discard(self, item: WorkItem) -> None:
@@ -426,10 +424,10 @@ class RedisJobStore:
     @_unavailable
     async def release(self, items: Sequence[WorkItem]) -> None:
         if items:
-            args: list[Any] = [GROUP]
-            for item in items:
-                args += [item.handle, item.job_id, item.index, item.task]
-            await self._scripts["release"](keys=self._keys, args=args)
+            tail = [
+                part for item in items for part in (item.handle, item.job_id, item.index, item.task)
+            ]
+            await self._run(scripts.Release(GROUP, tail))
 
     @_unavailable
     async def keep_alive(self, items: Sequence[WorkItem]) -> list[str]:
@@ -446,7 +444,7 @@ class RedisJobStore:
         ended = [
             job_id
             for job_id, status in zip(job_ids, statuses, strict=True)
-            if status is None or _text(status) not in ("queued", "running")
+            if status is None or _text(status) not in LIVE_STATUSES
         ]
         for job_id in ended:
             self._running.pop(job_id, None)

@@ -18,6 +18,7 @@ from jobs import (
     StoreLimits,
     WorkItem,
     content_digest,
+    scripts,
 )
 from tests.services import RedisServer, redis_server
 
@@ -437,7 +438,7 @@ async def test_a_create_retried_after_a_stall_runs_once(
     await store.start()
     process = redis_service.process
     assert process is not None
-    create = store._scripts["create"]
+    create = store._scripts[scripts.Create]
     await store._redis.script_load(create.script)  # no NOSCRIPT round trip to count
 
     async def stalled(**kwargs: object) -> object:
@@ -448,9 +449,9 @@ async def test_a_create_retried_after_a_stall_runs_once(
     with redis_service.client() as client:
         runs_before = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
     try:
-        store._scripts["create"] = stalled
+        store._scripts[scripts.Create] = stalled
         summary, created = await store.create([b"one", b"two"], key, digest="d")
-        store._scripts["create"] = create
+        store._scripts[scripts.Create] = create
         assert created
         with redis_service.client() as client:
             runs = client.info("commandstats")["cmdstat_evalsha"]["calls"] - runs_before

@@ -1,7 +1,9 @@
--- Shared by the scripts below, prepended to each (after the limits the store sets:
--- MAX_FINISHED_BYTES, JOB_KEPT_BYTES). Per-job keys hang off the job's hash key; KEYS
--- holds the shared ones: 1 live set, 2 queued-items counter, 3 queued-bytes counter,
--- 4 work stream, 5 finished jobs by time, 6 their sizes, 7 the sizes' sum.
+-- Shared by the scripts below, prepended to each after what jobs/scripts.py defines: the
+-- limits (MAX_FINISHED_BYTES, JOB_KEPT_BYTES), the statuses (QUEUED, RUNNING, SUCCEEDED,
+-- FAILED, CANCELLED), FINAL_EVENT, is_live, and the script's arguments (A, TAIL). Per-job
+-- keys hang off the job's hash key; KEYS holds the shared ones: 1 live set, 2
+-- queued-items counter, 3 queued-bytes counter, 4 work stream, 5 finished jobs by time,
+-- 6 their sizes, 7 the sizes' sum.
 local LIVE, ITEMS, BYTES, WORK = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local FINISHED, FINISHED_SIZES, FINISHED_BYTES = KEYS[5], KEYS[6], KEYS[7]
 
@@ -22,8 +24,6 @@ local function emit(k, kind, data)
   local seq = redis.call('HINCRBY', k.job, 'seq', 1)
   redis.call('XADD', k.events, '0-' .. seq, 'kind', kind, 'data', data)
 end
-
-local FINAL_EVENT = {succeeded = 'done', failed = 'failed', cancelled = 'cancelled'}
 
 -- Deletes every trace of a finished job.
 local function forget(k)
@@ -93,12 +93,8 @@ local function add_result(k, index, result, ok, now, ttl)
   local fields, v = progress_fields(k)
   emit(k, 'progress', '{"index": ' .. index .. ', ' .. fields .. ', "result": ' .. result .. '}')
   if done == tonumber(v[3]) then
-    finish(k, tonumber(v[2]) == done and 'failed' or 'succeeded', now, ttl)
+    finish(k, tonumber(v[2]) == done and FAILED or SUCCEEDED, now, ttl)
   end
   redis.call('PUBLISH', k.changed, k.id)
   return true
-end
-
-local function is_live(status)
-  return status == 'queued' or status == 'running'
 end

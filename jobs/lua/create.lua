@@ -1,10 +1,8 @@
--- ARGV: prefix, job id, total, created_at, max_jobs, max_items, max_bytes, ttl,
--- idempotency key ('' for none), input bytes, task, content digest, input count, the
--- input indexes, then index, error-result pairs for the items that could not be read.
--- The inputs were written to the job's data hash beforehand, with an expiry.
-local prefix, id, total, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[8])
-local idem, nbytes, task, digest = ARGV[9], tonumber(ARGV[10]), ARGV[11], ARGV[12]
-local nimages = tonumber(ARGV[13])
+-- The inputs were written to the job's data hash beforehand, with an expiry. The tail:
+-- the input indexes, then index, error-result pairs for the items that could not be read.
+local prefix, id, total, now, ttl = A.prefix, A.id, A.total, A.now, tonumber(A.ttl)
+local idem, nbytes, task, digest = A.idem, tonumber(A.nbytes), A.task, A.digest
+local nimages = tonumber(A.nimages)
 local k = job_keys(prefix, id)
 -- The client retries a command whose answer came late: a second run for the same job
 -- answers as the first one did, and changes nothing.
@@ -32,13 +30,13 @@ end
 local live = redis.call('SCARD', LIVE)
 local items = tonumber(redis.call('GET', ITEMS) or '0')
 local bytes = tonumber(redis.call('GET', BYTES) or '0')
-if live >= tonumber(ARGV[5]) or items + nimages > tonumber(ARGV[6])
-    or bytes + nbytes > tonumber(ARGV[7]) then
+if live >= tonumber(A.max_jobs) or items + nimages > tonumber(A.max_items)
+    or bytes + nbytes > tonumber(A.max_bytes) then
   redis.call('DEL', k.data)
   return {'full', live, items, bytes}
 end
 redis.call('PERSIST', k.data)
-redis.call('HSET', k.job, 'total', total, 'task', task, 'status', 'queued', 'created_at', now,
+redis.call('HSET', k.job, 'total', total, 'task', task, 'status', QUEUED, 'created_at', now,
   'done', 0, 'failed', 0, 'seq', 0, 'queued_bytes', nbytes, 'queued_items', nimages,
   'kept', JOB_KEPT_BYTES)
 if idem ~= '' then
@@ -49,12 +47,12 @@ redis.call('SADD', LIVE, id)
 redis.call('INCRBY', ITEMS, nimages)
 redis.call('INCRBY', BYTES, nbytes)
 for i = 1, nimages do
-  redis.call('XADD', WORK, '*', 'job', id, 'index', ARGV[13 + i], 'task', task)
+  redis.call('XADD', WORK, '*', 'job', id, 'index', ARGV[TAIL + i - 1], 'task', task)
 end
-local pos = 14 + nimages
+local pos = TAIL + nimages
 while pos < #ARGV do
   add_result(k, ARGV[pos], ARGV[pos + 1], false, now, ttl)
   pos = pos + 2
 end
 redis.call('PUBLISH', k.changed, id)
-return {'created', id, 'queued', total}
+return {'created', id, QUEUED, total}

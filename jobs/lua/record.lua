@@ -1,10 +1,9 @@
--- ARGV: prefix, job id, index, result JSON, ok (1/0), now, ttl, entry id, group.
 -- Records the item once and acknowledges its delivery, whatever the job's state.
-local k = job_keys(ARGV[1], ARGV[2])
-local index = ARGV[3]
+local k = job_keys(A.prefix, A.id)
+local index = A.index
 if is_live(redis.call('HGET', k.job, 'status')) then
   local size = redis.call('HSTRLEN', k.data, index)
-  if add_result(k, index, ARGV[4], ARGV[5] == '1', ARGV[6], tonumber(ARGV[7])) then
+  if add_result(k, index, A.result, A.ok == '1', A.now, tonumber(A.ttl)) then
     if redis.call('HDEL', k.data, index) == 1 then
       redis.call('DECRBY', ITEMS, 1)
       redis.call('DECRBY', BYTES, size)
@@ -13,6 +12,6 @@ if is_live(redis.call('HGET', k.job, 'status')) then
     end
   end
 end
-redis.call('XACK', WORK, ARGV[9], ARGV[8])
-redis.call('XDEL', WORK, ARGV[8])
+redis.call('XACK', WORK, A.group, A.entry)
+redis.call('XDEL', WORK, A.entry)
 return 1
