@@ -4,11 +4,14 @@ Callers ``submit`` one item each and await its own result. A single loop task gr
 queued items into batches and hands each batch to the batch function, which runs in a
 worker thread of its own (one per batch computed at once) so the event loop keeps serving
 while batches compute.
+
+Every time the batcher reads or waits for (deadlines, batch delays, queue waits, compute
+times) is on one clock, its event loop's: a test drives it by running the batcher on a
+loop whose clock it controls (tests/virtual_time.py).
 """
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -189,7 +192,7 @@ class MicroBatcher(Generic[In, Out]):
             self.admit(deadline, priority)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Out] = loop.create_future()
-        queue.append(_Pending(item, future, deadline, time.monotonic(), priority))
+        queue.append(_Pending(item, future, deadline, loop.time(), priority))
         self.observer.queue_depth(self.queue_depth)
         self._wake()
         if deadline is None:
@@ -415,14 +418,15 @@ class MicroBatcher(Generic[In, Out]):
             self._since_lower = 0
         else:
             self._since_lower += len(batch)
-        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         queue_waits = [started - p.submitted_at for p in batch]
         inputs = [p.item for p in batch]
-        running = asyncio.get_running_loop().run_in_executor(self._executor, self.batch_fn, inputs)
+        running = loop.run_in_executor(self._executor, self.batch_fn, inputs)
         self._running[running] = batch
 
         def finished(done: "asyncio.Future[Sequence[Out | BaseException]]") -> None:
-            seconds = time.monotonic() - started
+            seconds = loop.time() - started
             if self._resolve(batch, done):
                 # A batch that failed as a whole may have failed fast: its time says
                 # nothing about the model's pace.

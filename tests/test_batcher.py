@@ -14,8 +14,15 @@ from batching import (
     MicroBatcher,
     QueueFull,
 )
+from tests.virtual_time import VirtualTimeLoop, advance, settle
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, object]]:
+    """Each test runs on a loop whose clock it drives (see tests/virtual_time.py)."""
+    return ("asyncio", {"loop_factory": VirtualTimeLoop})
 
 
 class FakeModel:
@@ -86,6 +93,10 @@ async def submit_all(batcher: MicroBatcher[int, int], items: list[int]) -> list[
     return await asyncio.gather(*(batcher.submit(i) for i in items))
 
 
+async def alive() -> str:
+    return "alive"
+
+
 def later(batcher: MicroBatcher[int, int], item: int, **kwargs: float) -> "asyncio.Task[int]":
     return asyncio.create_task(batcher.submit(item, **kwargs))
 
@@ -112,9 +123,11 @@ async def test_partial_batch_is_held_until_the_delay() -> None:
     model = FakeModel()
     batcher = make_batcher(model, max_batch_size=8, delay_s=0.5)
     first = later(batcher, 1)
-    done, _ = await asyncio.wait([first], timeout=0.1)
-    assert not done, "a partial batch ran before its delay"
-    assert await asyncio.wait_for(first, timeout=5) == 2
+    await advance(0.49)
+    assert not first.done(), "a partial batch ran before its delay"
+    await advance(0.01)
+    assert first.done()
+    assert await first == 2
     await batcher.stop(drain_timeout=1)
 
 
@@ -124,14 +137,13 @@ async def test_delay_counts_from_the_first_item_of_the_batch() -> None:
     batcher = make_batcher(model, max_batch_size=8, delay_s=1.0)
     started = loop.time()
     tasks = [later(batcher, 1)]
-    await asyncio.sleep(0.5)
+    await advance(0.5)
     tasks.append(later(batcher, 2))
-    await asyncio.sleep(0.3)
+    await advance(0.3)
     tasks.append(later(batcher, 3))
     assert await asyncio.gather(*tasks) == [2, 4, 6]
-    elapsed = loop.time() - started
     # A per-item delay would close the batch at 0.8 + 1.0 = 1.8 s.
-    assert 0.9 <= elapsed < 1.6, elapsed
+    assert loop.time() - started == pytest.approx(1.0)
     assert model.batches == [[1, 2, 3]]
     await batcher.stop(drain_timeout=1)
 
@@ -141,9 +153,9 @@ async def test_batch_fn_runs_off_the_event_loop_and_next_batch_forms_meanwhile()
     batcher = make_batcher(model, max_batch_size=4, delay_s=0.01)
     first = await computing(model, batcher)
     # The loop is free while the batch computes: other coroutines run.
-    assert await asyncio.wait_for(asyncio.sleep(0.01, result="alive"), timeout=1) == "alive"
+    assert await asyncio.create_task(alive()) == "alive"
     waiting = [later(batcher, i) for i in (2, 3, 4)]
-    await asyncio.sleep(0.1)
+    await advance(0.1)  # past the batch delay: the next batch waits for the worker
     assert model.batches == [[1]]
     model.release()
     assert await asyncio.gather(first, *waiting) == [2, 4, 6, 8]
@@ -158,8 +170,10 @@ async def test_expired_item_is_dropped_before_compute() -> None:
     loop = asyncio.get_running_loop()
     batcher = make_batcher(model, max_batch_size=1, delay_s=0)
     blocker = await computing(model, batcher)
+    expiring = later(batcher, 2, deadline=loop.time() + 0.1)
+    await advance(0.1)
     with pytest.raises(DeadlineExceeded):
-        await batcher.submit(2, deadline=loop.time() + 0.1)
+        await expiring
     model.release()
     assert await blocker == 2
     assert await batcher.submit(3) == 6
@@ -173,7 +187,7 @@ async def test_cancelled_caller_is_dropped_before_compute() -> None:
     batcher = make_batcher(model, max_batch_size=1, delay_s=0)
     blocker = await computing(model, batcher)
     gone = later(batcher, 2)
-    await asyncio.sleep(0.05)
+    await settle()
     gone.cancel()
     model.release()
     assert await blocker == 2
@@ -226,14 +240,14 @@ async def test_full_queue_rejects_at_once() -> None:
     blocker = await computing(model, batcher)
     # The next batch (one item) forms and waits for the worker; two more fill the queue.
     queued = [later(batcher, 2)]
-    await asyncio.sleep(0.05)
+    await settle()
     queued += [later(batcher, i) for i in (3, 4)]
-    await asyncio.sleep(0.05)
+    await settle()
     assert batcher.queue_depth == 2
     started = loop.time()
     with pytest.raises(QueueFull):
         await batcher.submit(5)
-    assert loop.time() - started < 0.5
+    assert loop.time() == started  # at once: no timer was waited for
     assert batcher.stats.rejected_full == 1
     model.release()
     assert await asyncio.gather(blocker, *queued) == [2, 4, 6, 8]
@@ -247,7 +261,7 @@ async def test_stop_drains_queued_and_running_items() -> None:
     tasks = [later(batcher, i) for i in range(6)]
     await model.wait_entered()
     stopping = asyncio.create_task(batcher.stop(drain_timeout=10))
-    await asyncio.sleep(0.05)
+    await settle()
     with pytest.raises(BatcherClosed):
         await batcher.submit(99)
     model.release()
@@ -264,8 +278,10 @@ async def stop_while_held(
     """Stops ``batcher`` with a short drain while ``model`` holds its batches, and checks
     that every caller then has BatcherClosed."""
     try:
-        await asyncio.wait_for(batcher.stop(drain_timeout=0.2), timeout=5)
-        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=5)
+        stopping = asyncio.create_task(batcher.stop(drain_timeout=0.2))
+        await advance(0.2)
+        await stopping
+        results = await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         model.release()
     assert all(isinstance(r, BatcherClosed) for r in results), results
@@ -287,7 +303,7 @@ async def test_loop_crash_fails_pending_items_and_refuses_new_ones(
     batcher = make_batcher(model, max_batch_size=1, delay_s=0)
     blocker = await computing(model, batcher)
     waiting = later(batcher, 2)
-    await asyncio.sleep(0.05)
+    await settle()
 
     def broken(batch: object) -> None:
         raise RuntimeError("bug in dispatch")
@@ -361,8 +377,10 @@ async def test_observer_sees_batches_drops_and_rejections() -> None:
     batcher.start()
     await submit_all(batcher, [1, 2])
     blocker = await computing(model, batcher)
+    expiring = later(batcher, 3, deadline=asyncio.get_running_loop().time() + 0.05)
+    await advance(0.05)
     with pytest.raises(DeadlineExceeded):
-        await batcher.submit(3, deadline=asyncio.get_running_loop().time() + 0.05)
+        await expiring
     model.release()
     await blocker
     await batcher.stop(drain_timeout=1)
@@ -377,9 +395,9 @@ async def test_interactive_items_go_first_and_bulk_items_fill_spare_capacity() -
     batcher = make_batcher(model, max_batch_size=4, delay_s=0.01, queue=16, priorities=2)
     blocker = await computing(model, batcher, item=0)
     bulk = [asyncio.create_task(batcher.submit(i, priority=1)) for i in range(100, 106)]
-    await asyncio.sleep(0)
+    await settle()
     interactive = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
-    await asyncio.sleep(0.05)
+    await settle()
     model.release()
     assert await asyncio.gather(blocker, *interactive, *bulk) == [
         i * 2 for i in (0, 1, 2, *range(100, 106))
@@ -396,14 +414,14 @@ async def test_each_priority_class_has_its_own_queue_bound() -> None:
     batcher = make_batcher(model, max_batch_size=1, delay_s=0, queue=2, priorities=2)
     blocker = await computing(model, batcher)
     bulk = [asyncio.create_task(batcher.submit(10, priority=1))]
-    await asyncio.sleep(0.05)  # the loop takes 10 as the next batch; 11 and 12 fill the queue
+    await settle()  # the loop takes 10 as the next batch; 11 and 12 fill the queue
     bulk += [asyncio.create_task(batcher.submit(i, priority=1)) for i in (11, 12)]
-    await asyncio.sleep(0.05)
+    await settle()
     assert batcher.queue_depth == 2
     with pytest.raises(QueueFull):
         await batcher.submit(13, priority=1)
     interactive = asyncio.create_task(batcher.submit(2))
-    await asyncio.sleep(0.05)
+    await settle()
     model.release()
     assert await asyncio.gather(blocker, interactive, *bulk) == [2, 4, 20, 22, 24]
     await batcher.stop(drain_timeout=1)
@@ -414,10 +432,10 @@ async def test_interactive_item_displaces_bulk_from_a_batch_waiting_for_the_work
     batcher = make_batcher(model, max_batch_size=2, delay_s=0, queue=16, priorities=2)
     blocker = await computing(model, batcher, item=0)
     bulk = [asyncio.create_task(batcher.submit(i, priority=1)) for i in (100, 101, 102)]
-    await asyncio.sleep(0.05)  # the next batch, [100, 101], is formed and waits
+    await settle()  # the next batch, [100, 101], is formed and waits
     assert batcher.queue_depth == 1
     urgent = asyncio.create_task(batcher.submit(1))
-    await asyncio.sleep(0.05)
+    await settle()
     model.release()
     assert await asyncio.gather(blocker, urgent, *bulk) == [0, 2, 200, 202, 204]
     assert model.batches[1] == [1, 100]
@@ -431,12 +449,12 @@ async def test_items_that_could_not_meet_their_deadline_are_refused_at_once() ->
     batcher = make_batcher(model, max_batch_size=1, delay_s=0)
     assert batcher.expected_wait() is None  # nothing measured yet: everything is admitted
     blocker = await computing(model, batcher)
-    await asyncio.sleep(0.2)
+    await advance(0.2)
     model.release()
-    await blocker  # one batch of one item took at least 0.2 s
+    await blocker  # one batch of one item took 0.2 s
     blocker = await computing(model, batcher)
     queued = [later(batcher, i) for i in (2, 3)]
-    await asyncio.sleep(0.05)
+    await settle()
     expected = batcher.expected_wait()
     assert expected is not None
     assert expected >= 0.5  # three items ahead of a new one, at >= 0.16 s each
@@ -463,6 +481,7 @@ async def test_an_item_admitted_before_its_preparation_is_not_refused_again() ->
         await batcher.submit(8, deadline=deadline)
     assert batcher.stats.rejected_late == 2
     admitted = later(batcher, 9, deadline=deadline, admitted=True)
+    await advance(0.1)
     with pytest.raises(DeadlineExceeded):
         await admitted  # queued, not refused, and it still cannot outlive its deadline
     assert batcher.stats.rejected_late == 2
@@ -512,7 +531,7 @@ async def test_queued_items_the_slower_pace_cannot_finish_in_time_are_refused_ea
     deadline = started + 1.0
     # Admitted at the seeded pace: ten items of 0.01 s are well within a second.
     queued = [later(batcher, i, deadline=deadline) for i in range(10, 20)]
-    await asyncio.sleep(0.5)
+    await advance(0.5)
     model.release()  # one item took 0.5 s: the pace is now about 0.1 s per item
     outcomes = await asyncio.gather(*queued, return_exceptions=True)
     refused_at = loop.time()
@@ -535,7 +554,7 @@ async def test_after_a_single_item_batch_an_idle_model_does_not_wait_for_company
     assert await batcher.submit(1) == 2  # the first batch waits out the delay: traffic unknown
     started = loop.time()
     assert await batcher.submit(2) == 4
-    assert loop.time() - started < 0.25
+    assert loop.time() == started  # no delay waited
     assert model.batches == [[1], [2]]
     await batcher.stop(drain_timeout=1)
 
@@ -548,7 +567,7 @@ async def bulk_items_behind_an_urgent_flood(
     blocker = await computing(model, batcher, item=0)
     bulk = [asyncio.create_task(batcher.submit(i, priority=1)) for i in (100, 101)]
     urgent = [asyncio.create_task(batcher.submit(i)) for i in range(1, 21)]
-    await asyncio.sleep(0.05)
+    await settle()
     model.release()
     await asyncio.gather(blocker, *urgent, *bulk)
     return model.seen
