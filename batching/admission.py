@@ -4,8 +4,7 @@ pace of recent batches."""
 import math
 
 from batching.errors import QueueFull
-from batching.observer import BatcherObserver
-from batching.stats import BatcherStats, RunningMean
+from batching.stats import Events, RunningMean
 
 # A wait is a sum of batch times. Each varies by about ``spread`` (their mean absolute
 # deviation); k batches ahead vary by about spread * sqrt(k), and admission leaves
@@ -25,8 +24,7 @@ class Admission:
     def __init__(
         self,
         name: str,
-        stats: BatcherStats,
-        observer: BatcherObserver,
+        events: Events,
         *,
         enabled: bool,
         concurrency: int = 1,
@@ -34,8 +32,7 @@ class Admission:
         """``concurrency`` batches compute at once, each at the pace measured."""
         self.name = name
         self.concurrency = concurrency
-        self.stats = stats
-        self.observer = observer
+        self.events = events
         self.enabled = enabled
         self._seconds_per_item = RunningMean()
         self._seconds_per_batch = RunningMean()
@@ -109,8 +106,7 @@ class Admission:
 
     def late(self, wait: float) -> QueueFull:
         """Counts a refusal as late; its Retry-After is when the backlog should be gone."""
-        self.stats.rejected_late += 1
-        self.observer.rejected("would_expire")
+        self.events.rejected("would_expire")
         return QueueFull(
             f"{self.name} is about {wait:.2f} s behind, past this deadline",
             retry_after=max(1, math.ceil(wait)),

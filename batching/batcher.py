@@ -12,10 +12,8 @@ loop whose clock it controls (tests/virtual_time.py).
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from batching.admission import Admission
@@ -24,10 +22,10 @@ from batching.errors import (
     BatcherError,
     BatchSizeMismatch,
     DeadlineExceeded,
-    QueueFull,
 )
 from batching.observer import BatcherObserver
-from batching.stats import BatcherStats
+from batching.queues import Pending, PriorityQueues, set_exception
+from batching.stats import BatcherStats, Events
 
 logger = logging.getLogger(__name__)
 
@@ -38,25 +36,9 @@ BatchFn = Callable[[list[In]], Sequence[Out | BaseException]]
 """Takes a batch of inputs and returns one result, or one exception, per input, in order."""
 
 
-@dataclass(eq=False, slots=True)
-class _Pending(Generic[In, Out]):
-    item: In
-    future: "asyncio.Future[Out]"
-    deadline: float | None
-    submitted_at: float
-    priority: int
-    # Taken under the minimum share: no more urgent item displaces it from its batch.
-    guaranteed: bool = False
-
-
 def _set_result(future: "asyncio.Future[Out]", result: Out) -> None:
     if not future.done():
         future.set_result(result)
-
-
-def _set_exception(future: "asyncio.Future[Out]", exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
 
 
 class MicroBatcher(Generic[In, Out]):
@@ -69,7 +51,9 @@ class MicroBatcher(Generic[In, Out]):
 
     Lower priorities (higher numbers) fill what higher ones leave, but while any of their
     items wait they get at least ``min_share`` of the items computed, so that they always
-    progress even when urgent items alone would saturate the model.
+    progress even when urgent items alone would saturate the model. Which items go into a
+    batch is ``PriorityQueues``' policy (batching/queues.py); what happens is counted once,
+    in ``Events`` (batching/stats.py).
     """
 
     def __init__(
@@ -108,26 +92,27 @@ class MicroBatcher(Generic[In, Out]):
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue_size = max_queue_size
         self.name = name
-        self.observer = observer or BatcherObserver()
-        self.stats = BatcherStats()
-        # One queue per priority class, 0 first; each holds up to max_queue_size items.
-        self._queues: list[deque[_Pending[In, Out]]] = [deque() for _ in range(priorities)]
+        self.events = Events(observer)
+        self.queues: PriorityQueues[In, Out] = PriorityQueues(
+            name, priorities, max_queue_size, min_share, self.events
+        )
         self._wakeup: asyncio.Future[None] | None = None
         self._accepting = False
         self._executor: ThreadPoolExecutor | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self.concurrency = concurrency
         # The batches computing now, by the future of their batch function's call.
-        self._running: dict[asyncio.Future[Sequence[Out | BaseException]], list[_Pending[In, Out]]]
+        self._running: dict[asyncio.Future[Sequence[Out | BaseException]], list[Pending[In, Out]]]
         self._running = {}
-        self._forming: list[_Pending[In, Out]] = []
-        self.admission = Admission(
-            name, self.stats, self.observer, enabled=shed_late, concurrency=concurrency
-        )
+        self._forming: list[Pending[In, Out]] = []
+        self.admission = Admission(name, self.events, enabled=shed_late, concurrency=concurrency)
         self._last_batch_size = 0
-        self.min_share = min_share
-        self._since_lower = 0  # items computed since the last one of a priority above 0
         self.on_crash = on_crash
+
+    @property
+    def stats(self) -> BatcherStats:
+        """What happened since the start, for /metadata."""
+        return self.events.stats
 
     @property
     def accepting(self) -> bool:
@@ -135,7 +120,7 @@ class MicroBatcher(Generic[In, Out]):
 
     @property
     def queue_depth(self) -> int:
-        return sum(len(queue) for queue in self._queues)
+        return self.queues.depth
 
     def expect_seconds_per_item(self, seconds: float) -> None:
         """Starts the estimate behind ``expected_wait`` from a measurement made before the
@@ -176,24 +161,16 @@ class MicroBatcher(Generic[In, Out]):
         there among the items coming, so it is not refused as late a second time: that
         would throw away the preparation. It still fails if its deadline passes.
         """
-        self.stats.requests += 1
+        self.events.submitted()
         if not self._accepting:
-            self.stats.rejected_closed += 1
-            self.observer.rejected("closed")
+            self.events.rejected("closed")
             raise BatcherClosed(f"{self.name} is not accepting work")
-        queue = self._queues[priority]
-        if len(queue) >= self.max_queue_size:
-            self._purge_dead(queue)
-            if len(queue) >= self.max_queue_size:
-                self.stats.rejected_full += 1
-                self.observer.rejected("queue_full")
-                raise QueueFull(f"{self.name} queue is full ({self.max_queue_size} items)")
+        loop = asyncio.get_running_loop()
+        self.queues.check_room(priority, loop.time())
         if not admitted:
             self.admit(deadline, priority)
-        loop = asyncio.get_running_loop()
         future: asyncio.Future[Out] = loop.create_future()
-        queue.append(_Pending(item, future, deadline, loop.time(), priority))
-        self.observer.queue_depth(self.queue_depth)
+        self.queues.add(Pending(item, future, deadline, loop.time(), priority))
         self._wake()
         if deadline is None:
             return await future
@@ -228,9 +205,8 @@ class MicroBatcher(Generic[In, Out]):
         return self.admission.expected_wait(self._ahead(priority) + coming, ready_in)
 
     def _ahead(self, priority: int) -> int:
-        queued = sum(len(queue) for queue in self._queues[: priority + 1])
         running = sum(len(batch) for batch in self._running.values())
-        return queued + len(self._forming) + running
+        return self.queues.up_to(priority) + len(self._forming) + running
 
     async def stop(self, drain_timeout: float) -> None:
         """Stops accepting items, lets queued and running ones finish for up to
@@ -275,86 +251,14 @@ class MicroBatcher(Generic[In, Out]):
         """Whether every worker thread is computing a batch."""
         return len(self._running) >= self.concurrency
 
-    def _is_dead(self, pending: _Pending[In, Out], now: float) -> bool:
-        """Counts and reports items that must not be computed."""
-        if pending.deadline is not None and now >= pending.deadline:
-            self.stats.dropped_expired += 1
-            self.observer.dropped("expired")
-            _set_exception(pending.future, DeadlineExceeded("deadline passed while queued"))
-            return True
-        if pending.future.done():
-            self.stats.dropped_cancelled += 1
-            self.observer.dropped("cancelled")
-            return True
-        return False
-
-    def _take_live(self, batch: list[_Pending[In, Out]]) -> None:
-        now = asyncio.get_running_loop().time()
-        if self._lower_priority_due(batch):
-            self._take_one_guaranteed(batch, now)
-        for queue in self._queues:
-            while queue and len(batch) < self.max_batch_size:
-                pending = queue.popleft()
-                if not self._is_dead(pending, now):
-                    batch.append(pending)
-        self.observer.queue_depth(self.queue_depth)
-
-    def _lower_priority_due(self, batch: list[_Pending[In, Out]]) -> bool:
-        return (
-            self.min_share > 0
-            and self._since_lower * self.min_share >= 1
-            and len(batch) < self.max_batch_size
-            and all(pending.priority == 0 for pending in batch)
-        )
-
-    def _take_one_guaranteed(self, batch: list[_Pending[In, Out]], now: float) -> None:
-        for queue in self._queues[1:]:
-            while queue:
-                pending = queue.popleft()
-                if not self._is_dead(pending, now):
-                    pending.guaranteed = True
-                    batch.append(pending)
-                    return
-
-    def _shed_hopeless(self, batch: list[_Pending[In, Out]]) -> None:
-        """Refuses, as late, the queued items that the present pace can no longer compute
-        before their deadline: each would otherwise wait to time out. Admission judged
-        them on an older estimate; this keeps its promise when the model slows down (a
-        busier host, a cold cache) instead of answering them with a timeout. The running
-        batch is counted as done, so only the surely late are refused."""
-        now = asyncio.get_running_loop().time()
-        ahead = len(batch)
-        for queue in self._queues:
-            live: list[_Pending[In, Out]] = []
-            for pending in queue:
-                wait = None
-                if not pending.future.done():  # a done one is dropped as cancelled
-                    wait = self.admission.hopeless(pending.deadline, ahead, now)
-                if wait is None:
-                    ahead += 1
-                    live.append(pending)
-                else:
-                    _set_exception(pending.future, self.admission.late(wait))
-            if len(live) != len(queue):
-                queue.clear()
-                queue.extend(live)
-                self.observer.queue_depth(self.queue_depth)
-
-    def _purge_dead(self, queue: "deque[_Pending[In, Out]]") -> None:
-        now = asyncio.get_running_loop().time()
-        live = [p for p in queue if not self._is_dead(p, now)]
-        queue.clear()
-        queue.extend(live)
-        self.observer.queue_depth(self.queue_depth)
-
-    async def _collect(self) -> list[_Pending[In, Out]] | None:
+    async def _collect(self) -> list[Pending[In, Out]] | None:
         """Returns the next batch once it may start, or None when stopped and drained."""
         loop = asyncio.get_running_loop()
-        batch: list[_Pending[In, Out]] = []
+        batch: list[Pending[In, Out]] = []
         self._forming = batch
-        self._shed_hopeless(batch)
+        self.queues.shed_hopeless(batch, self.admission, loop.time())
         while not batch:
-            self._take_live(batch)
+            self.queues.fill(batch, self.max_batch_size, loop.time())
             if not batch:
                 if not self._accepting:
                     return None
@@ -368,7 +272,7 @@ class MicroBatcher(Generic[In, Out]):
         )
         closes_at = loop.time() + delay
         while len(batch) < self.max_batch_size:
-            self._take_live(batch)
+            self.queues.fill(batch, self.max_batch_size, loop.time())
             if len(batch) >= self.max_batch_size:
                 break
             busy = self._workers_busy()
@@ -378,46 +282,24 @@ class MicroBatcher(Generic[In, Out]):
             await self._sleep(busy, wait_s=remaining if remaining > 0 else None)
         while self._workers_busy():
             await asyncio.wait(list(self._running), return_when=asyncio.FIRST_COMPLETED)
-        self._shed_hopeless(batch)
-        self._make_room_for_urgent(batch)
+        self.queues.shed_hopeless(batch, self.admission, loop.time())
+        self.queues.make_room_for_urgent(batch, loop.time())
         return batch
-
-    def _make_room_for_urgent(self, batch: list[_Pending[In, Out]]) -> None:
-        """Swaps the batch's least urgent items back to the front of their queues for
-        more urgent items that arrived while it waited for the worker."""
-        batch.sort(key=lambda pending: pending.priority)
-        now = asyncio.get_running_loop().time()
-        for priority, queue in enumerate(self._queues):
-            while queue and batch and batch[-1].priority > priority and not batch[-1].guaranteed:
-                candidate = queue.popleft()
-                if self._is_dead(candidate, now):
-                    continue
-                displaced = batch.pop()
-                self._queues[displaced.priority].appendleft(displaced)
-                batch.insert(self._first_of_priority_above(batch, priority), candidate)
-        self.observer.queue_depth(self.queue_depth)
-
-    @staticmethod
-    def _first_of_priority_above(batch: list[_Pending[In, Out]], priority: int) -> int:
-        return next((i for i, p in enumerate(batch) if p.priority > priority), len(batch))
 
     async def _run(self) -> None:
         while (batch := await self._collect()) is not None:
             now = asyncio.get_running_loop().time()
-            batch = [p for p in batch if not self._is_dead(p, now)]
+            batch = [p for p in batch if not self.queues.is_dead(p, now)]
             if batch:
                 self._dispatch(batch)
             self._forming = []
         if self._running:
             await asyncio.wait(list(self._running))
 
-    def _dispatch(self, batch: list[_Pending[In, Out]]) -> None:
-        self.stats.record_batch(len(batch))
+    def _dispatch(self, batch: list[Pending[In, Out]]) -> None:
+        self.events.batch_started(len(batch))
         self._last_batch_size = len(batch)
-        if any(pending.priority > 0 for pending in batch):
-            self._since_lower = 0
-        else:
-            self._since_lower += len(batch)
+        self.queues.dispatched(batch)
         loop = asyncio.get_running_loop()
         started = loop.time()
         queue_waits = [started - p.submitted_at for p in batch]
@@ -431,18 +313,18 @@ class MicroBatcher(Generic[In, Out]):
                 # A batch that failed as a whole may have failed fast: its time says
                 # nothing about the model's pace.
                 self.admission.batch_done(seconds, len(batch))
-            self.observer.batch_done(queue_waits, seconds)
+            self.events.batch_done(queue_waits, seconds)
 
         running.add_done_callback(finished)
 
     def _resolve(
-        self, batch: list[_Pending[In, Out]], done: "asyncio.Future[Sequence[Out | BaseException]]"
+        self, batch: list[Pending[In, Out]], done: "asyncio.Future[Sequence[Out | BaseException]]"
     ) -> bool:
         """Settles each item's future; False when the batch failed as a whole."""
         self._running.pop(done, None)
         if done.cancelled():
             for pending in batch:
-                _set_exception(pending.future, BatcherClosed(f"{self.name} stopped mid-batch"))
+                set_exception(pending.future, BatcherClosed(f"{self.name} stopped mid-batch"))
             return False
         error = done.exception()
         if error is None:
@@ -453,14 +335,14 @@ class MicroBatcher(Generic[In, Out]):
                 )
         if error is not None:
             logger.error("%s: batch of %d failed", self.name, len(batch), exc_info=error)
-            self.stats.failed_items += len(batch)
+            self.events.failed(len(batch))
             for pending in batch:
-                _set_exception(pending.future, error)
+                set_exception(pending.future, error)
             return False
         for pending, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
-                self.stats.failed_items += 1
-                _set_exception(pending.future, result)
+                self.events.failed(1)
+                set_exception(pending.future, result)
             else:
                 _set_result(pending.future, result)
         return True
@@ -469,11 +351,8 @@ class MicroBatcher(Generic[In, Out]):
         running = [pending for batch in self._running.values() for pending in batch]
         for future in self._running:
             future.cancel()
-        queued = [pending for queue in self._queues for pending in queue]
-        for pending in [*running, *self._forming, *queued]:
-            _set_exception(pending.future, error)
-        for queue in self._queues:
-            queue.clear()
+        for pending in [*running, *self._forming, *self.queues.drain()]:
+            set_exception(pending.future, error)
         self._running.clear()
         self._forming = []
 

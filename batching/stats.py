@@ -1,8 +1,11 @@
-"""Counters the batcher keeps for /metadata."""
+"""Counters the batcher keeps for /metadata, and the one place that counts them."""
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from batching.observer import BatcherObserver
 
 
 class RunningMean:
@@ -32,11 +35,6 @@ class BatcherStats:
     rejected_closed: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)
 
-    def record_batch(self, size: int) -> None:
-        self.batches += 1
-        self.items += size
-        self.batch_sizes[size] += 1
-
     def as_dict(self, queue_depth: int) -> dict[str, Any]:
         return {
             "requests": self.requests,
@@ -52,3 +50,46 @@ class BatcherStats:
             "mean_batch_size": round(self.items / self.batches, 3) if self.batches else 0.0,
             "batch_size_histogram": {str(size): n for size, n in sorted(self.batch_sizes.items())},
         }
+
+
+# The counter of each reason an observer is told.
+_REJECTED = {
+    "queue_full": "rejected_full",
+    "would_expire": "rejected_late",
+    "closed": "rejected_closed",
+}
+_DROPPED = {"expired": "dropped_expired", "cancelled": "dropped_cancelled"}
+
+
+class Events(BatcherObserver):
+    """Where the batcher reports what happens, once: each event is counted in ``stats``
+    and passed on to the owner's ``observer``."""
+
+    def __init__(self, observer: BatcherObserver | None = None) -> None:
+        self.stats = BatcherStats()
+        self.observer = observer or BatcherObserver()
+
+    def submitted(self) -> None:
+        self.stats.requests += 1
+
+    def rejected(self, reason: str) -> None:
+        setattr(self.stats, _REJECTED[reason], getattr(self.stats, _REJECTED[reason]) + 1)
+        self.observer.rejected(reason)
+
+    def dropped(self, reason: str) -> None:
+        setattr(self.stats, _DROPPED[reason], getattr(self.stats, _DROPPED[reason]) + 1)
+        self.observer.dropped(reason)
+
+    def batch_started(self, size: int) -> None:
+        self.stats.batches += 1
+        self.stats.items += size
+        self.stats.batch_sizes[size] += 1
+
+    def failed(self, items: int) -> None:
+        self.stats.failed_items += items
+
+    def queue_depth(self, depth: int) -> None:
+        self.observer.queue_depth(depth)
+
+    def batch_done(self, queue_waits: Sequence[float], compute_seconds: float) -> None:
+        self.observer.batch_done(queue_waits, compute_seconds)

@@ -623,10 +623,10 @@ async def test_a_crashed_batch_loop_tells_its_owner_and_refuses_work() -> None:
         on_crash=crashes.append,
     )
 
-    def bug(batch: object) -> None:
+    def bug(*args: object) -> None:
         raise AssertionError("a bug in the batch loop")
 
-    batcher._take_live = bug  # type: ignore[method-assign]
+    batcher.queues.fill = bug  # type: ignore[method-assign]
     batcher.start()
     with pytest.raises(BatcherClosed, match="crashed"):
         await asyncio.wait_for(batcher.submit(1), timeout=5)

@@ -52,10 +52,10 @@ async def test_a_dead_batch_loop_fails_liveness_and_readiness() -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
             assert (await client.get("/health/live")).status_code == 200
 
-            def bug(batch: object) -> None:
+            def bug(*args: object) -> None:
                 raise AssertionError("a bug in the batch loop")
 
-            engine.services["square"].batcher._take_live = bug
+            engine.services["square"].batcher.queues.fill = bug
             response = await client.post("/square", json={"x": 2})
             assert response.status_code == 503
             assert "crashed" in response.json()["detail"]
