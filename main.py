@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from api.access_log import AccessLogMiddleware
-from api.admission import Door, EarlyAdmission
+from api.door import Door, EarlyAdmission
 from api.errors import describe, install_error_handlers
 from api.limits import BodySizeLimitMiddleware
 from api.protocol import server_options

@@ -13,6 +13,7 @@ from starlette.requests import ClientDisconnect
 from batching import BatcherClosed, DeadlineExceeded, QueueFull
 from jobs import IdempotencyConflict, StoreFull, StoreUnavailable
 from serving import InferenceFailed, InputError, NotReady
+from serving.admission import RETRY_AFTER_S
 
 
 class BodyTooLarge(Exception):
@@ -25,8 +26,6 @@ class BodyTooLarge(Exception):
 class ClientDisconnected(Exception):
     """The caller went away before its answer was ready."""
 
-
-RETRY_AFTER_S = 1
 
 # (exception, status, what the caller should do). Starlette picks the handler of the
 # most specific class in the exception's MRO. An InputError carries its own status.

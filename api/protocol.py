@@ -40,9 +40,10 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-from api.admission import Door, hold_for
-from api.errors import ErrorAnswer
+from api.door import Door
+from api.errors import ErrorAnswer, error_answer
 from api.read_limits import CLOSED, OPEN, SWEEP_S, ReadLimits, Sweep
+from serving.admission import Refusal
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -204,11 +205,11 @@ class AdmissionProtocol(HttpToolsProtocol):
             self._park_after = cycle  # once its body is read
         cycle.on_response()
 
-    def _refuse(self, refusal: ErrorAnswer, keep_alive: bool) -> None:
-        """Writes ``refusal`` and starts this connection's hold (its Retry-After, at
-        most MAX_HOLD_S)."""
-        self._held_until = self.loop.time() + hold_for(refusal)
-        self.transport.write(self._render(refusal, keep_alive))
+    def _refuse(self, refusal: Refusal, keep_alive: bool) -> None:
+        """Writes ``refusal``'s answer and starts this connection's hold (its
+        Retry-After, at most MAX_HOLD_S)."""
+        self._held_until = self.loop.time() + refusal.hold_s
+        self.transport.write(self._render(error_answer(refusal.error), keep_alive))
 
     def _render(self, answer: ErrorAnswer, keep_alive: bool) -> bytes:
         """``answer`` as the bytes of a whole response, server headers included."""

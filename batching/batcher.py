@@ -16,13 +16,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
-from batching.admission import Admission
 from batching.errors import (
     BatcherClosed,
     BatcherError,
     BatchSizeMismatch,
     DeadlineExceeded,
 )
+from batching.estimate import WaitEstimate
 from batching.observer import BatcherObserver
 from batching.queues import Pending, PriorityQueues, set_exception
 from batching.stats import BatcherStats, Events
@@ -105,7 +105,7 @@ class MicroBatcher(Generic[In, Out]):
         self._running: dict[asyncio.Future[Sequence[Out | BaseException]], list[Pending[In, Out]]]
         self._running = {}
         self._forming: list[Pending[In, Out]] = []
-        self.admission = Admission(name, self.events, enabled=shed_late, concurrency=concurrency)
+        self.estimate = WaitEstimate(name, self.events, enabled=shed_late, concurrency=concurrency)
         self._last_batch_size = 0
         self.on_crash = on_crash
 
@@ -126,7 +126,7 @@ class MicroBatcher(Generic[In, Out]):
         """Starts the estimate behind ``expected_wait`` from a measurement made before the
         first batch, such as a warm-up's, so that admission works from the first request.
         It counts batches of ``max_batch_size`` at that pace."""
-        self.admission.expect(seconds, self.max_batch_size)
+        self.estimate.expect(seconds, self.max_batch_size)
 
     def start(self) -> None:
         """Starts the batch loop on the running event loop."""
@@ -194,7 +194,7 @@ class MicroBatcher(Generic[In, Out]):
         already let through that will be submitted ahead of this one, and ``ready_in``
         the seconds until this one will be prepared."""
         now = asyncio.get_running_loop().time()
-        self.admission.check(deadline, self._ahead(priority) + coming, now, ready_in)
+        self.estimate.check(deadline, self._ahead(priority) + coming, now, ready_in)
 
     def expected_wait(
         self, priority: int = 0, *, coming: int = 0, ready_in: float = 0.0
@@ -202,7 +202,7 @@ class MicroBatcher(Generic[In, Out]):
         """Seconds until a new item of ``priority`` would have its result, estimated from
         recent batches, with ``coming`` more items queued ahead of it and ready for the
         model in ``ready_in`` seconds; None before the first batch."""
-        return self.admission.expected_wait(self._ahead(priority) + coming, ready_in)
+        return self.estimate.expected_wait(self._ahead(priority) + coming, ready_in)
 
     def _ahead(self, priority: int) -> int:
         running = sum(len(batch) for batch in self._running.values())
@@ -256,7 +256,7 @@ class MicroBatcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         batch: list[Pending[In, Out]] = []
         self._forming = batch
-        self.queues.shed_hopeless(batch, self.admission, loop.time())
+        self.queues.shed_hopeless(batch, self.estimate, loop.time())
         while not batch:
             self.queues.fill(batch, self.max_batch_size, loop.time())
             if not batch:
@@ -282,7 +282,7 @@ class MicroBatcher(Generic[In, Out]):
             await self._sleep(busy, wait_s=remaining if remaining > 0 else None)
         while self._workers_busy():
             await asyncio.wait(list(self._running), return_when=asyncio.FIRST_COMPLETED)
-        self.queues.shed_hopeless(batch, self.admission, loop.time())
+        self.queues.shed_hopeless(batch, self.estimate, loop.time())
         self.queues.make_room_for_urgent(batch, loop.time())
         return batch
 
@@ -312,7 +312,7 @@ class MicroBatcher(Generic[In, Out]):
             if self._resolve(batch, done):
                 # A batch that failed as a whole may have failed fast: its time says
                 # nothing about the model's pace.
-                self.admission.batch_done(seconds, len(batch))
+                self.estimate.batch_done(seconds, len(batch))
             self.events.batch_done(queue_waits, seconds)
 
         running.add_done_callback(finished)

@@ -7,8 +7,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from batching.admission import Admission
 from batching.errors import DeadlineExceeded, QueueFull
+from batching.estimate import WaitEstimate
 from batching.stats import Events
 
 In = TypeVar("In")
@@ -99,10 +99,10 @@ class PriorityQueues(Generic[In, Out]):
         return False
 
     def shed_hopeless(
-        self, batch: list[Pending[In, Out]], admission: Admission, now: float
+        self, batch: list[Pending[In, Out]], estimate: WaitEstimate, now: float
     ) -> None:
         """Refuses, as late, the queued items that the present pace can no longer compute
-        before their deadline: each would otherwise wait to time out. Admission judged
+        before their deadline: each would otherwise wait to time out. WaitEstimate judged
         them on an older estimate; this keeps its promise when the model slows down (a
         busier host, a cold cache) instead of answering them with a timeout. ``batch``,
         about to run, is counted as done, so only the surely late are refused."""
@@ -112,12 +112,12 @@ class PriorityQueues(Generic[In, Out]):
             for pending in queue:
                 wait = None
                 if not pending.future.done():  # a done one is dropped as cancelled
-                    wait = admission.hopeless(pending.deadline, ahead, now)
+                    wait = estimate.hopeless(pending.deadline, ahead, now)
                 if wait is None:
                     ahead += 1
                     live.append(pending)
                 else:
-                    set_exception(pending.future, admission.late(wait))
+                    set_exception(pending.future, estimate.late(wait))
             if len(live) != len(queue):
                 queue.clear()
                 queue.extend(live)

@@ -20,6 +20,7 @@ from jobs import (
     WorkItem,
 )
 from jobs.runner import DescribeError
+from serving.admission import Refusal
 from serving.errors import NotReady
 from serving.registry import load_tasks
 from serving.service import DecodePools, TaskService
@@ -211,6 +212,18 @@ class Engine:
         if self._pools is not None:
             self._pools.shutdown()
         gc.unfreeze()  # the models may go now (a process that starts another engine)
+
+    def admit(self, task: str, arrived_at: float) -> Refusal | None:
+        """Whether a request for ``task`` that reached the server at ``arrived_at`` (the
+        loop's clock) may in: None, or why not. It may if the engine is alive and the
+        task could serve it within TIMEOUT of its arrival."""
+        try:
+            if (reason := self.liveness()) is not None:
+                raise NotReady(reason)
+            self.services[task].admit(arrived_at)
+        except (NotReady, QueueFull) as exc:
+            return Refusal(exc)
+        return None
 
     def liveness(self) -> str | None:
         """None while the engine can serve, or will once warm; otherwise why it cannot."""

@@ -4,8 +4,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.deps import EngineDep
-from api.errors import RETRY_AFTER_S
 from api.schemas import ErrorBody
+from serving.admission import RETRY_AFTER_S
 
 router = APIRouter(tags=["health"])
 

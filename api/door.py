@@ -13,11 +13,11 @@ through what the protocol already admitted.
 
 A client that comes back on the same connection before the Retry-After it was given
 is not answered at once: its next answer waits out the rest of that Retry-After (of one
-second at most, MAX_HOLD_S), and is a 200 only if the server can still answer within
-TIMEOUT of the request's arrival. A polite client, which waits, is never held; an
-impolite one is paced to one refusal per hold per connection, instead of as many as the
-event loop can write. Under our protocol the held connection does not even read until
-then (``api/protocol.py``).
+second at most: ``Refusal.hold_s`` in serving/admission.py), and is a 200 only if the
+server can still answer within TIMEOUT of the request's arrival. A polite client, which
+waits, is never held; an impolite one is paced to one refusal per hold per connection,
+instead of as many as the event loop can write. Under our protocol the held connection
+does not even read until then (``api/protocol.py``).
 """
 
 import asyncio
@@ -27,22 +27,19 @@ import logging
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import ErrorAnswer, as_response, error_answer
+from api.errors import as_response, error_answer
 from api.limits import refuse
 from api.metrics import REQUEST_SECONDS, REQUESTS
-from batching import QueueFull
-from serving import NotReady
+from serving import Engine
+from serving.admission import Admitted, Refusal
 
 logger = logging.getLogger("access")
 
+# Where an admitted request's ``Admitted`` is kept in its scope's state.
+ADMITTED = "admitted"
 # Connections remembered as refused, at most; past it the expired ones are forgotten.
 MAX_REMEMBERED = 10_000
 SUMMARY_INTERVAL_S = 1.0
-# The longest a refused connection is held. A longer hold would pace a client that
-# retries at once more slowly still, but a client that sends at a rate of its own opens
-# a new connection for each request it sends meanwhile, and a new connection's first
-# refusal costs the server about four parked ones (0.4 ms of CPU against 0.1).
-MAX_HOLD_S = 1.0
 
 
 class Door:
@@ -68,18 +65,17 @@ class Door:
             and getattr(self.state, "engine", None) is not None
         )
 
-    def judge(self, scope: Scope, arrived_at: float) -> ErrorAnswer | None:
-        """The refusal for a request that arrived at ``arrived_at`` (the loop's clock), or
-        None when it is admitted; its route then counts TIMEOUT from that arrival."""
-        engine = self.state.engine
-        try:
-            if (reason := engine.liveness()) is not None:
-                raise NotReady(reason)
-            engine.services[self.routes[scope["path"]]].admit(arrived_at)
-        except (NotReady, QueueFull) as exc:
+    def judge(self, scope: Scope, arrived_at: float) -> Refusal | None:
+        """The engine's refusal for a request that arrived at ``arrived_at`` (the loop's
+        clock), or None when it is admitted: it is then marked ``Admitted`` in the
+        scope's state, so that no edge further in judges it again."""
+        task = self.routes[scope["path"]]
+        engine: Engine = self.state.engine
+        refusal = engine.admit(task, arrived_at)
+        if refusal is not None:
             self._count(scope["path"], asyncio.get_running_loop().time() - arrived_at)
-            return error_answer(exc)
-        scope.setdefault("state", {})["arrived_at"] = arrived_at
+            return refusal
+        scope.setdefault("state", {})[ADMITTED] = Admitted(task, arrived_at)
         return None
 
     def _count(self, route: str, seconds: float) -> None:
@@ -100,12 +96,6 @@ class Door:
         )
 
 
-def hold_for(refusal: ErrorAnswer) -> float:
-    """How long the connection given ``refusal`` is held: its Retry-After, at most
-    MAX_HOLD_S."""
-    return min(float(refusal.headers["Retry-After"]), MAX_HOLD_S)
-
-
 class EarlyAdmission:
     """The door as ASGI middleware: answers 503 for what ``door`` refuses, and hands
     every other request to ``app``. It paces by the client address in the scope."""
@@ -119,7 +109,7 @@ class EarlyAdmission:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] != "http"
-            or "arrived_at" in scope.get("state", {})  # judged by the protocol already
+            or ADMITTED in scope.get("state", {})  # judged by the protocol already
             or not self.door.guards(scope)
         ):
             await self.app(scope, receive, send)
@@ -136,8 +126,8 @@ class EarlyAdmission:
             await self.app(scope, receive, send)
             return
         if key is not None:
-            self._remember(key, loop.time() + hold_for(refusal))
-        await refuse(scope, receive, send, as_response(refusal))
+            self._remember(key, loop.time() + refusal.hold_s)
+        await refuse(scope, receive, send, as_response(error_answer(refusal.error)))
 
     def _remember(self, key: tuple[str, int], until: float) -> None:
         refused = self._refused_until

@@ -1,5 +1,5 @@
-"""Admission: whether an item can still be answered before its deadline, judged from the
-pace of recent batches."""
+"""The wait estimate: whether an item can still be answered before its deadline, judged
+from the pace of recent batches."""
 
 import math
 
@@ -16,7 +16,7 @@ SPREADS_OF_MARGIN = 2.0
 SEEDED_SPREAD = 0.1
 
 
-class Admission:
+class WaitEstimate:
     """Keeps the estimate of the batches' pace and refuses, as late, what it cannot
     serve in time. Under overload the model then spends its time on items that can
     still make their deadline instead of on ones that cannot."""
