@@ -152,16 +152,16 @@ class Settings(BaseSettings):
         """Model threads per worker, so that WORKERS workers share the cores."""
         return self.torch_threads or self.cores_per_worker
 
-    def decode_threads(self, device_type: str, *, int8: bool = False) -> int:
-        """DECODE_WORKERS, or by default all of a worker's cores beside a GPU or an int8
-        model (decoding is then about half the work), and half of them beside a float32
-        model on the CPU, which computes on the same cores (a quarter of the work is
-        decoding). On 2 cores at 32 clients: int8 132 req/s with 1 thread, 168 with 2;
+    def decode_threads(self, device_type: str, *, light_model: bool = False) -> int:
+        """DECODE_WORKERS, or by default all of a worker's cores beside a GPU or a light
+        model such as int8 (decoding is then about half the work), and half of them beside
+        a float32 model on the CPU, which computes on the same cores (a quarter of the work
+        is decoding). On 2 cores at 32 clients: int8 132 req/s with 1 thread, 168 with 2;
         float32 108 with 1, 97 with 2."""
         if self.decode_workers:
             return self.decode_workers
         cores = self.cores_per_worker
-        return cores if device_type == "cuda" or int8 else max(1, cores // 2)
+        return cores if device_type == "cuda" or light_model else max(1, cores // 2)
 
     @property
     def batch_size_ceiling(self) -> int:

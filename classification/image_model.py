@@ -36,7 +36,7 @@ from classification.quantize import (
     quantized_model,
     read_ranges,
 )
-from serving.task import resolve_device
+from serving.device import resolve_device
 from serving.warmup import batch_shapes, time_batches, tune_batch_size
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class ImageModel:
         self.model = model
         self.preprocess = model.preprocess
         self._compare = compare
-        torch_device = resolve_device(device)
+        torch_device = torch.device(resolve_device(device))
         self._channels_last_setting = channels_last
         self.torch_backend = TorchBackend(
             model.module,

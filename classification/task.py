@@ -93,6 +93,9 @@ class ImageTask:
     def concurrency(self) -> int:
         return self.model.concurrency
 
+    def light_model(self) -> bool:
+        return self.model.precision == "int8"
+
     def describe(self) -> dict[str, Any]:
         return self.model.describe()
 

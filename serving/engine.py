@@ -6,8 +6,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from batching import BatcherClosed, QueueFull
 from jobs import (
     HandBack,
@@ -21,10 +19,11 @@ from jobs import (
 )
 from jobs.runner import DescribeError
 from serving.admission import Refusal
+from serving.device import device_type, limit_threads, resolve_device
 from serving.errors import NotReady
 from serving.registry import load_tasks
 from serving.service import DecodePools, TaskService
-from serving.task import LoadContext, Task, resolve_device
+from serving.task import LoadContext, Task
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -108,21 +107,22 @@ class Engine:
         settings = self.settings
         self._loop = asyncio.get_running_loop()
         tasks = tasks if tasks is not None else load_tasks(settings.tasks)
-        torch.set_num_threads(settings.intra_op_threads)
+        limit_threads(settings.intra_op_threads)
         device = resolve_device(settings.device)
         context = LoadContext(
-            device=str(device),
+            device=device,
             threads=max(1, settings.intra_op_threads // len(tasks)),
             cache_dir=settings.model_cache_dir,
             settings=settings,
         )
         for task in tasks:
             await asyncio.to_thread(task.load, context)
-        if not settings.job_concurrency and device.type == "cuda":
+        on = device_type(device)
+        if not settings.job_concurrency and on == "cuda":
             # A GPU batch costs little more than one item: let job items fill big batches.
             self.jobs.concurrency = 2 * settings.batch_size_ceiling
-        int8 = all(task.describe().get("precision") == "int8" for task in tasks)
-        self._pools = DecodePools(settings.decode_threads(device.type, int8=int8))
+        light = all(task.light_model() for task in tasks)
+        self._pools = DecodePools(settings.decode_threads(on, light_model=light))
         for task in tasks:
             service = TaskService(task, settings, self._pools, on_crash=self._batcher_crashed)
             service.batcher.start()

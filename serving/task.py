@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
-import torch
 from pydantic import BaseModel
 
 from serving.warmup import tune_batch_size
@@ -58,7 +57,8 @@ class Task(Generic[Item, Result]):
     Optional: ``Options``, a pydantic model of the request's query parameters (validated,
     422 on a bad value, passed to ``decode`` and ``encode``); ``Response``, the pydantic
     model of ``encode``'s answer, for the OpenAPI schema; ``jobs_field``, the JSON key
-    that holds a job's items; ``check_item``, ``example``, ``warm_up`` and ``describe``.
+    that holds a job's items; ``check_item``, ``light_model``, ``example``, ``warm_up`` and
+    ``describe``.
     """
 
     name: ClassVar[str]
@@ -98,6 +98,12 @@ class Task(Generic[Item, Result]):
         single-threaded calls side by side."""
         return 1
 
+    def light_model(self) -> bool:
+        """Whether the model takes only a small share of a request's CPU time (int8 on the
+        CPU, say), so that decoding may have every core rather than half of them, as
+        beside a model on a GPU. Called after ``load``; False unless overridden."""
+        return False
+
     def example(self) -> Item | None:
         """An item for warm-up and batch-size tuning; None skips both."""
         return None
@@ -122,21 +128,6 @@ class Task(Generic[Item, Result]):
     def describe(self) -> dict[str, Any]:
         """What /metadata shows about the task and its model."""
         return {}
-
-
-def resolve_device(requested: str) -> torch.device:
-    """Maps DEVICE (auto, cpu, cuda, cuda:N) to a device, or raises ValueError."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"DEVICE={requested!r} but CUDA is not available: use cpu or auto")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(
-                f"DEVICE={requested!r} but only {torch.cuda.device_count()} CUDA devices exist"
-            )
-    return device
 
 
 _REQUIRED = ("load", "decode", "predict_batch", "encode")

@@ -17,6 +17,7 @@ from api.limits import DISCARD_IDLE_SECONDS
 from classification.image_model import INT8_MIN_SPEEDUP
 from classification.quantize import int8_recipe
 from harness.server import Server
+from settings import Settings
 from tests.images import (
     CAT_IDS,
     PHOTOS,
@@ -248,6 +249,9 @@ def test_health_and_metadata(server: Server) -> None:
     faster = meta["model"]["int8_speedup"] >= INT8_MIN_SPEEDUP
     assert meta["model"]["precision"] == ("int8" if faster else "float32")
     assert meta["model"]["precision_reason"].startswith("PRECISION=auto")
+    # Decoding gets every core beside int8 (a light model), half of them beside float32.
+    cores = Settings().cores_per_worker
+    assert meta["decode"]["workers"] == (cores if faster else max(1, cores // 2))
     assert meta["model"]["num_labels"] == 1000
     assert meta["batching"] == {
         "max_batch_size": 8,

@@ -58,5 +58,5 @@ def test_decode_threads_leave_the_cpu_model_its_cores(
 
 def test_an_int8_model_gets_every_core_for_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    assert Settings(workers=2).decode_threads("cpu", int8=True) == 8
-    assert Settings(workers=2, decode_workers=3).decode_threads("cpu", int8=True) == 3
+    assert Settings(workers=2).decode_threads("cpu", light_model=True) == 8
+    assert Settings(workers=2, decode_workers=3).decode_threads("cpu", light_model=True) == 3

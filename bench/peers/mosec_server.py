@@ -52,6 +52,8 @@ class Classify(Worker):
 if __name__ == "__main__":
     sys.argv[1:] = ["--port", sys.argv[1], "--address", "127.0.0.1"]
     server = Server()
-    server.append_worker(Decode, num=settings.decode_threads("cpu", int8=PRECISION == "int8"))
+    server.append_worker(
+        Decode, num=settings.decode_threads("cpu", light_model=PRECISION == "int8")
+    )
     server.append_worker(Classify, num=1, max_batch_size=16, max_wait_time=5)
     server.run()

@@ -28,7 +28,9 @@ classifier = Classifier(
     precision=os.environ.get("PRECISION", "float32"),
     threads=settings.intra_op_threads,
 )
-decoders = ThreadPoolExecutor(settings.decode_threads("cpu", int8=classifier.precision == "int8"))
+decoders = ThreadPoolExecutor(
+    settings.decode_threads("cpu", light_model=classifier.precision == "int8")
+)
 
 
 @batch
