@@ -1,132 +1,32 @@
-"""Jobs in Redis: shared by every worker and replica, and kept across restarts.
-
-Work items travel through one Redis Stream read by a consumer group, so each item goes
-to one replica at a time and stays pending until that replica records its result. An
-item whose replica stopped answering is claimed by another after ``claim_idle_s``.
-Results, counts and events change only inside Lua scripts, so a redelivered item is
-never counted twice. Needs the Redis 7.0 (Valkey 7.2) command set, not Redis Cluster.
+"""Jobs in Redis: shared by every worker and replica, and kept across restarts. This is the
+API's side (creating, reading, cancelling jobs); the runner's side is jobs/redis_work.py
+and what both share is jobs/redis_base.py.
 """
 
 import asyncio
-import functools
 import hashlib
 import json
 import logging
-import os
-import socket
-import time
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from jobs import scripts
-from jobs.models import LIVE_STATUSES, ItemResult, JobEvent, JobStatus, WorkItem, now_iso
-from jobs.store import (
-    JOB_KEPT_BYTES,
-    CancelCallback,
-    ChangeFeed,
-    IdempotencyConflict,
-    Reading,
-    StoreLimits,
-    StoreUnavailable,
-    scoped_key,
-)
+from jobs.models import ItemResult, JobEvent, JobStatus, now_iso
+from jobs.redis_base import text, unavailable
+from jobs.redis_work import RedisWork
+from jobs.store import IdempotencyConflict, StoreUnavailable, scoped_key
 
 logger = logging.getLogger(__name__)
 
-GROUP = "replicas"
 # Images written before the job exists expire by themselves if the writer dies.
 _UNCLAIMED_DATA_TTL_S = 600
-_RUNNING_CACHE = 1024
-# A job's inputs, up to MAX_JOB_BYTES, are written with a longer timeout than the
-# commands that move only counts and ids.
-_BULK_TIMEOUT_S = 10.0
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 
-def _unavailable(
-    method: Callable[P, Coroutine[Any, Any, T]],
-) -> Callable[P, Coroutine[Any, Any, T]]:
-    @functools.wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return await method(*args, **kwargs)
-        except RedisError as exc:
-            raise StoreUnavailable(f"the job store (Redis) is unavailable: {exc}") from exc
-
-    return wrapper
-
-
-def _client(url: str, timeout: float | None) -> Any:
-    """A client; typed Any, since redis-py's hints do not follow pipelines and replies."""
-    # One quick retry on a fresh connection covers a pool that went stale while Redis
-    # restarted; a Redis that is really down fails within about 2 x timeout.
-    return Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout or 2.0,
-        retry=Retry(NoBackoff(), 1),
-    )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-class RedisJobStore:
-    def __init__(
-        self,
-        url: str,
-        *,
-        prefix: str,
-        limits: StoreLimits,
-        ttl_s: float,
-        timeout_s: float,
-        claim_idle_s: float,
-    ) -> None:
-        self.prefix = prefix
-        self.limits = limits
-        self.ttl_s = max(1, round(ttl_s))
-        self.claim_idle_ms = round(claim_idle_s * 1000)
-        self.feed = ChangeFeed()
-        self.reading = Reading()
-        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self._redis = _client(url, timeout_s)
-        self._bulk = _client(url, max(_BULK_TIMEOUT_S, 10 * timeout_s))
-        # Blocking reads and the subscription wait longer than a request may.
-        self._blocking = _client(url, timeout_s + 2.0)
-        self._listener_client = _client(url, None)
-        shared = ["live", "queued_items", "queued_bytes", "work"]
-        shared += ["finished", "finished_sizes", "finished_bytes"]
-        self._keys = [f"{prefix}:{name}" for name in shared]
-        self._scripts = {
-            script: self._redis.register_script(
-                scripts.source(script, limits.max_finished_bytes, JOB_KEPT_BYTES)
-            )
-            for script in scripts.SCRIPTS
-        }
-        self._cancel_callbacks: list[CancelCallback] = []
-        # Jobs recently seen running: their items begin without a round trip.
-        self._running: OrderedDict[str, None] = OrderedDict()
-        self._listener: asyncio.Task[None] | None = None
-        self._next_reclaim = 0.0
-
-    @property
-    def work_key(self) -> str:
-        return f"{self.prefix}:work"
-
-    def _job_key(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
-
+class RedisJobStore(RedisWork):
     async def start(self) -> None:
         try:
             await self._ensure_group()
@@ -143,16 +43,9 @@ class RedisJobStore:
         for client in (self._redis, self._bulk, self._blocking, self._listener_client):
             await client.aclose()
 
-    async def _ensure_group(self) -> None:
-        try:
-            await self._redis.xgroup_create(self.work_key, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
     async def _check_eviction_policy(self) -> None:
         try:
-            policy = _text((await self._redis.config_get("maxmemory-policy"))["maxmemory-policy"])
+            policy = text((await self._redis.config_get("maxmemory-policy"))["maxmemory-policy"])
         except (ResponseError, KeyError):
             return  # managed services may refuse CONFIG
         if policy != "noeviction":
@@ -171,7 +64,7 @@ class RedisJobStore:
         with self.reading.hold(nbytes):
             yield
 
-    @_unavailable
+    @unavailable
     async def _counts(self, idem: str = "") -> tuple[int, int, int, bool]:
         """Live jobs, queued images and their bytes, and whether ``idem`` (an
         idempotency key's Redis key) names a job already made."""
@@ -191,7 +84,7 @@ class RedisJobStore:
         if not replay:
             self.limits.check(live, items, queued, new_items, new_bytes)
 
-    @_unavailable
+    @unavailable
     async def create(
         self,
         items: Sequence[bytes | ItemResult],
@@ -237,7 +130,7 @@ class RedisJobStore:
             nimages=len(images),
             tail=[*images, *errors],
         )
-        reply = [_text(v) for v in await self._run(create)]
+        reply = [text(v) for v in await self._run(create)]
         if reply[0] == "full":
             live, queued_items, queued_bytes = map(int, reply[1:])
             self.limits.check(live, queued_items, queued_bytes, len(images), nbytes)
@@ -251,7 +144,7 @@ class RedisJobStore:
         summary = {"job_id": reply[1], "status": reply[2], "total": int(reply[3])}
         return summary, reply[0] == "created"
 
-    @_unavailable
+    @unavailable
     async def get(self, job_id: str) -> dict[str, Any] | None:
         key = self._job_key(job_id)
         fields, results = await (
@@ -259,7 +152,7 @@ class RedisJobStore:
         )
         if not fields:
             return None
-        job = {_text(k): _text(v) for k, v in fields.items()}
+        job = {text(k): text(v) for k, v in fields.items()}
         total = int(job["total"])
         ordered: list[Any] = [None] * total
         for index, result in results.items():
@@ -275,7 +168,7 @@ class RedisJobStore:
             "results": ordered,
         }
 
-    @_unavailable
+    @unavailable
     async def events(self, job_id: str, after: int) -> list[JobEvent] | None:
         key = self._job_key(job_id)
         exists, entries = await (
@@ -288,8 +181,8 @@ class RedisJobStore:
             return None
         return [
             JobEvent(
-                int(_text(entry_id).split("-")[1]),
-                _text(fields[b"kind"]),
+                int(text(entry_id).split("-")[1]),
+                text(fields[b"kind"]),
                 json.loads(fields[b"data"]),
             )
             for entry_id, fields in entries
@@ -301,182 +194,9 @@ class RedisJobStore:
     async def remove(self, job_id: str) -> JobStatus | None:
         return await self._end(job_id, scripts.Remove)
 
-    @_unavailable
+    @unavailable
     async def _end(self, job_id: str, script: type[scripts.Cancel]) -> JobStatus | None:
         """Runs the cancel or remove script, which ends the job if it is live."""
         self._running.pop(job_id, None)
         status = await self._run(script(self.prefix, job_id, now_iso(), self.ttl_s))
-        return JobStatus(_text(status)) if status else None
-
-    async def _run(self, script: scripts.Script) -> Any:
-        return await self._scripts[type(script)](keys=self._keys, args=script.args())
-
-    @_unavailable
-    async def take(self, count: int, wait_s: float) -> list[WorkItem]:
-        """Claims items idle past ``claim_idle_s`` first (their replica died), then reads
-        new ones, waiting only when there are none."""
-        try:
-            taken: list[WorkItem] = []
-            if time.monotonic() >= self._next_reclaim:
-                self._next_reclaim = time.monotonic() + self.claim_idle_ms / 4000
-                taken += await self._with_images(await self._reclaim(count))
-            if len(taken) < count:
-                take = scripts.Take(self.prefix, GROUP, self.consumer, count - len(taken))
-                rows = await self._run(take)
-                taken += [
-                    WorkItem(_text(job_id), int(index), data, 1, _text(entry_id), _text(task))
-                    for entry_id, job_id, index, task, data in rows
-                ]
-            if not taken:
-                reply = await self._blocking.xreadgroup(
-                    GROUP,
-                    self.consumer,
-                    {self.work_key: ">"},
-                    count=count,
-                    block=max(1, round(wait_s * 1000)),
-                )
-                entries = reply[0][1] if reply else []
-                taken += await self._with_images([(i, fields, 1) for i, fields in entries])
-            return taken
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self._ensure_group()  # Redis lost the group: it restarted empty
-            return []
-
-    async def _with_images(self, entries: list[tuple[Any, Any, int]]) -> list[WorkItem]:
-        if not entries:
-            return []
-        pipe = self._redis.pipeline(transaction=False)
-        for _entry_id, fields, _delivery in entries:
-            pipe.hget(f"{self._job_key(_text(fields[b'job']))}:data", fields[b"index"])
-        images = await pipe.execute()
-        return [
-            WorkItem(
-                _text(fields[b"job"]),
-                int(fields[b"index"]),
-                data,
-                delivery,
-                _text(entry_id),
-                _text(fields.get(b"task", b"")),
-            )
-            for (entry_id, fields, delivery), data in zip(entries, images, strict=True)
-        ]
-
-    async def _reclaim(self, count: int) -> list[tuple[Any, Any, int]]:
-        stale = await self._redis.xpending_range(
-            self.work_key, GROUP, min="-", max="+", count=count, idle=self.claim_idle_ms
-        )
-        if not stale:
-            return []
-        deliveries = {_text(p["message_id"]): int(p["times_delivered"]) for p in stale}
-        claimed = await self._redis.xclaim(
-            self.work_key, GROUP, self.consumer, self.claim_idle_ms, list(deliveries)
-        )
-        if claimed:
-            logger.warning("took over %d job items from a replica that stopped", len(claimed))
-        return [
-            (entry_id, fields, deliveries[_text(entry_id)] + 1)
-            for entry_id, fields in claimed
-            if fields  # an entry deleted meanwhile comes back empty
-        ]
-
-    @_unavailable
-    async def begin(self, item: WorkItem) -> bool:
-        """A job seen running needs no round trip: its cancellation reaches this replica
-        through ``on_cancel`` (or ``keep_alive``), and a result recorded for a job that
-        ended meanwhile is dropped by the record script."""
-        if item.job_id in self._running:
-            self._running.move_to_end(item.job_id)
-            return True
-        live = bool(await self._run(scripts.Begin(self.prefix, item.job_id, now_iso())))
-        if live:
-            self._running[item.job_id] = None
-            if len(self._running) > _RUNNING_CACHE:
-                self._running.popitem(last=False)
-        return live
-
-    @_unavailable
-    async def record(self, item: WorkItem, result: ItemResult, *, ok: bool) -> None:
-        await self._run(
-            scripts.Record(
-                prefix=self.prefix,
-                id=item.job_id,
-                index=item.index,
-                result=json.dumps(result),
-                ok=int(ok),
-                now=now_iso(),
-                ttl=self.ttl_s,
-                entry=item.handle,
-                group=GROUP,
-            )
-        )
-
-    @_unavailable
-    async def discard(self, item: WorkItem) -> None:
-        await (
-            self._redis.pipeline(transaction=True)
-            .xack(self.work_key, GROUP, item.handle)
-            .xdel(self.work_key, item.handle)
-            .execute()
-        )
-
-    @_unavailable
-    async def release(self, items: Sequence[WorkItem]) -> None:
-        if items:
-            tail = [
-                part for item in items for part in (item.handle, item.job_id, item.index, item.task)
-            ]
-            await self._run(scripts.Release(GROUP, tail))
-
-    @_unavailable
-    async def keep_alive(self, items: Sequence[WorkItem]) -> list[str]:
-        if not items:
-            return []
-        job_ids = sorted({item.job_id for item in items})
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.xclaim(
-            self.work_key, GROUP, self.consumer, 0, [item.handle for item in items], justid=True
-        )
-        for job_id in job_ids:
-            pipe.hget(self._job_key(job_id), "status")
-        _claimed, *statuses = await pipe.execute()
-        ended = [
-            job_id
-            for job_id, status in zip(job_ids, statuses, strict=True)
-            if status is None or _text(status) not in LIVE_STATUSES
-        ]
-        for job_id in ended:
-            self._running.pop(job_id, None)
-        return ended
-
-    def on_cancel(self, callback: CancelCallback) -> None:
-        self._cancel_callbacks.append(callback)
-
-    async def _listen(self) -> None:
-        """Follows job changes and cancellations published by every replica; after an
-        outage every watcher is woken to read the state again."""
-        changed, cancelled = f"{self.prefix}:changed", f"{self.prefix}:cancelled"
-        backoff = 0.1
-        while True:
-            try:
-                async with self._listener_client.pubsub() as pubsub:
-                    await pubsub.subscribe(changed, cancelled)
-                    self.feed.notify_all()
-                    backoff = 0.1
-                    while True:
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=5.0
-                        )
-                        if message is None:
-                            continue
-                        job_id = _text(message["data"])
-                        if _text(message["channel"]) == cancelled:
-                            self._running.pop(job_id, None)
-                            for callback in self._cancel_callbacks:
-                                callback(job_id)
-                        self.feed.notify(job_id)
-            except RedisError as exc:
-                logger.debug("job store listener lost Redis (%s); reconnecting", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+        return JobStatus(text(status)) if status else None

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from harness.server import ROOT
-from jobs.redis_store import GROUP
+from jobs.redis_base import GROUP
 from settings import Settings
 
 DIRECTORY = ROOT / "deploy" / "kubernetes"
