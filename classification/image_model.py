@@ -10,6 +10,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,18 @@ INT8_MIN_SPEEDUP = 1.3
 INT8_TIMING_BATCH = 8
 
 
+@dataclass(frozen=True)
+class Built:
+    """What an ImageModel runs on, and why: made once, by ``ImageModel._build``."""
+
+    backend: Backend
+    precision: str = "float32"
+    precision_reason: str = ""
+    backend_fallback_reason: str | None = None  # why not ONNX Runtime, where asked for
+    int8_recipe: Int8Recipe | None = None
+    int8_speedup: float | None = None  # measured by PRECISION=auto
+
+
 class ImageModel:
     """Decodes images and runs batches of them through one model."""
 
@@ -108,58 +121,76 @@ class ImageModel:
             channels_last=channels_last != "false",
             dtype=getattr(torch, dtype),
         )
-        self.backend: Backend = self.torch_backend
-        self.fallback_reason: str | None = None
-        self.precision = "float32"
-        self.precision_reason = f"PRECISION={precision}"
-        self.int8_recipe: Int8Recipe | None = None
-        self.int8_speedup: float | None = None
+        self.cache_dir = cache_dir = cache_dir or Path(".model-cache")
+        # The float32 ONNX Runtime backend, once it works: int8 is made from it.
+        self._float32: OnnxBackend | None = None
+        self.built = self._build(
+            torch_device, backend, precision, calibration_dir, cache_dir, threads
+        )
+
+    def _build(
+        self,
+        device: torch.device,
+        backend: str,
+        precision: str,
+        calibration_dir: Path | None,
+        cache_dir: Path,
+        threads: int | None,
+    ) -> Built:
+        """Chooses what to run on: the one place that decides the backend and precision,
+        and says why."""
+        torch_only = Built(self.torch_backend, precision_reason=f"PRECISION={precision}")
         if backend == "auto":
-            backend = "torch" if torch_device.type == "cuda" else "onnxruntime"
+            backend = "torch" if device.type == "cuda" else "onnxruntime"
         if precision == "int8" and backend != "onnxruntime":
             raise ValueError(
                 "PRECISION=int8 runs on ONNX Runtime: use BACKEND=onnxruntime on the CPU, "
                 "or PRECISION=float32"
             )
-        self.cache_dir = cache_dir = cache_dir or Path(".model-cache")
-        if backend == "onnxruntime":
-            if torch_device.type != "cpu":
-                raise ValueError(
-                    "BACKEND=onnxruntime runs on the CPU: use DEVICE=cpu or BACKEND=torch"
-                )
-            self._try_onnx(cache_dir, threads or torch.get_num_threads())
-            if precision != "float32":
-                if isinstance(self.backend, OnnxBackend):
-                    self._try_int8(precision, calibration_dir, cache_dir)
-                else:
-                    self.precision_reason = (
-                        "int8 runs on ONNX Runtime, which is not used: see backend_fallback_reason"
-                    )
-        elif precision == "auto":
-            self.precision_reason = "PRECISION=auto: int8 is for ONNX Runtime on the CPU"
-
-    def _try_onnx(self, cache_dir: Path, threads: int) -> None:
+        if backend != "onnxruntime":
+            if precision == "auto":
+                reason = "PRECISION=auto: int8 is for ONNX Runtime on the CPU"
+                return replace(torch_only, precision_reason=reason)
+            return torch_only
+        if device.type != "cpu":
+            raise ValueError("BACKEND=onnxruntime runs on the CPU: use DEVICE=cpu or BACKEND=torch")
         try:
-            onnx = cached_backend(
-                lambda: exported_model(
-                    self.model.module, self.model.name, self.preprocess.crop_size, cache_dir
-                ),
-                self.preprocess,
-                threads,
-            )
-            self._check_agreement(onnx)
+            self._float32 = self._onnx(cache_dir, threads or torch.get_num_threads())
         except (OnnxUnavailable, BackendMismatch, ImportError, OSError) as exc:
-            self.fallback_reason = f"{type(exc).__name__}: {exc}"
             logger.warning("ONNX Runtime is not used, serving with PyTorch: %s", exc)
-            return
-        self.backend = onnx
+            fallback = f"{type(exc).__name__}: {exc}"
+            reason = (
+                torch_only.precision_reason
+                if precision == "float32"
+                else "int8 runs on ONNX Runtime, which is not used: see backend_fallback_reason"
+            )
+            return replace(torch_only, backend_fallback_reason=fallback, precision_reason=reason)
+        float32 = Built(self._float32, precision_reason=f"PRECISION={precision}")
+        if precision == "float32":
+            return float32
+        return self._int8(float32, precision, calibration_dir, cache_dir)
 
-    def _try_int8(self, precision: str, calibration_dir: Path | None, cache_dir: Path) -> None:
-        """Replaces the float32 ONNX backend by its int8 form when ``precision`` asks
-        for it, the int8 model agrees with float32 on the check photos and, for auto,
-        runs at least INT8_MIN_SPEEDUP times as fast."""
-        float32 = self.float32_onnx()
-        recipe = self.int8_recipe = int8_recipe()
+    def _onnx(self, cache_dir: Path, threads: int) -> OnnxBackend:
+        """The float32 ONNX Runtime backend, checked against PyTorch on a photo."""
+        onnx = cached_backend(
+            lambda: exported_model(
+                self.model.module, self.model.name, self.preprocess.crop_size, cache_dir
+            ),
+            self.preprocess,
+            threads,
+        )
+        self._check_agreement(onnx)
+        return onnx
+
+    def _int8(
+        self, float32: Built, precision: str, calibration_dir: Path | None, cache_dir: Path
+    ) -> Built:
+        """The int8 form of ``float32`` when ``precision`` asks for it, the int8 model
+        agrees with float32 on the check photos and, for auto, runs at least
+        INT8_MIN_SPEEDUP times as fast; else ``float32``, saying why not."""
+        onnx = self.float32_onnx()
+        recipe = int8_recipe()
+        speedup = None
         try:
             ranges = self._int8_ranges(calibration_dir, cache_dir)
             if ranges is None:
@@ -172,13 +203,19 @@ class ImageModel:
                     raise ValueError(missing)
                 raise QuantizationUnavailable(missing)
             int8 = cached_backend(
-                lambda: quantized_model(float32.model_path, ranges, cache_dir, recipe),
+                lambda: quantized_model(onnx.model_path, ranges, cache_dir, recipe),
                 self.preprocess,
-                float32.threads,
+                onnx.threads,
             )
-            self._check_int8(float32, int8)
+            agreement = self._check_int8(onnx, int8)
             if precision == "auto":
-                self._check_speedup(float32, int8)
+                speedup = self._speedup(onnx, int8)
+                if speedup < INT8_MIN_SPEEDUP:
+                    raise Int8NotFaster(
+                        f"on this CPU it runs only {speedup:.2f}x as fast as float32 "
+                        f"(batch {INT8_TIMING_BATCH}); PRECISION=auto asks for "
+                        f"{INT8_MIN_SPEEDUP}x"
+                    )
         except (
             QuantizationUnavailable,
             OnnxUnavailable,
@@ -187,34 +224,25 @@ class ImageModel:
             ImportError,
             OSError,
         ) as exc:
-            self._keep_float32(f"int8 is not used: {exc}")
-            return
-        self.backend = int8
-        self.precision = "int8"
-        self.precision_reason = f"PRECISION={precision}: int8 agrees with float32 on the " + (
-            f"check photos ({self.int8_agreement_text}) with {recipe.name} weights"
-        )
-        if self.int8_speedup is not None:
-            self.precision_reason += (
-                f" and runs {self.int8_speedup:.2f}x as fast (batch {INT8_TIMING_BATCH})"
+            reason = f"int8 is not used: {exc}"
+            logger.warning("serving float32: %s", reason)
+            return replace(
+                float32, precision_reason=reason, int8_recipe=recipe, int8_speedup=speedup
             )
+        reason = f"PRECISION={precision}: int8 agrees with float32 on the check photos" + (
+            f" ({agreement}) with {recipe.name} weights"
+        )
+        if speedup is not None:
+            reason += f" and runs {speedup:.2f}x as fast (batch {INT8_TIMING_BATCH})"
+        return Built(int8, "int8", reason, int8_recipe=recipe, int8_speedup=speedup)
 
-    def _check_speedup(self, float32: Backend, int8: Backend, rounds: int = 5) -> None:
-        """Raises Int8NotFaster unless int8 runs batches of INT8_TIMING_BATCH at least
-        INT8_MIN_SPEEDUP times as fast as float32 on this CPU. The two are timed in
-        turns, so that load from elsewhere slows both alike."""
+    def _speedup(self, float32: Backend, int8: Backend, rounds: int = 5) -> float:
+        """How many times as fast int8 runs batches of INT8_TIMING_BATCH as float32 on
+        this CPU. The two are timed in turns, so that load from elsewhere slows both
+        alike."""
         runs = {"float32": forward_random(float32), "int8": forward_random(int8)}
         seconds = time_batches(lambda name: runs[name](INT8_TIMING_BATCH), list(runs), rounds)
-        self.int8_speedup = round(seconds["float32"] / seconds["int8"], 2)
-        if self.int8_speedup < INT8_MIN_SPEEDUP:
-            raise Int8NotFaster(
-                f"on this CPU it runs only {self.int8_speedup:.2f}x as fast as float32 "
-                f"(batch {INT8_TIMING_BATCH}); PRECISION=auto asks for {INT8_MIN_SPEEDUP}x"
-            )
-
-    def _keep_float32(self, reason: str) -> None:
-        self.precision_reason = reason
-        logger.warning("serving float32: %s", reason)
+        return round(seconds["float32"] / seconds["int8"], 2)
 
     def _int8_ranges(self, calibration_dir: Path | None, cache_dir: Path) -> Ranges | None:
         """The float32 ONNX model's activation ranges: measured on ``calibration_dir``,
@@ -226,10 +254,10 @@ class ImageModel:
         return read_ranges(committed) if committed.is_file() else None
 
     def float32_onnx(self) -> OnnxBackend:
-        """The float32 ONNX Runtime backend in use, before int8 may replace it."""
-        if not isinstance(self.backend, OnnxBackend) or self.precision != "float32":
+        """The float32 ONNX Runtime backend, which int8 is made from (and may replace)."""
+        if self._float32 is None:
             raise RuntimeError("the float32 ONNX Runtime backend is not in use")
-        return self.backend
+        return self._float32
 
     def calibration_input(self, data: bytes) -> np.ndarray:
         """One image file as the float32 ONNX model's normalised input, for calibration.
@@ -254,19 +282,15 @@ class ImageModel:
             raise BackendMismatch(
                 f"ONNX and PyTorch outputs differ by {difference:.2e} on {_SAMPLE_IMAGE.name}"
             )
-        self.agreement = difference
 
-    def _check_int8(self, float32: Backend, int8: Backend) -> None:
-        """Raises BackendMismatch unless ``int8_agreement`` accepts int8's outputs on the
-        check photos."""
+    def _check_int8(self, float32: Backend, int8: Backend) -> str:
+        """How int8's outputs agree with float32's on the check photos; raises
+        BackendMismatch unless ``int8_agreement`` accepts them."""
         batch = self.check_photos()
-        good, self.int8_agreement_text = self.int8_agreement(
-            float32.forward(batch), int8.forward(batch)
-        )
+        good, agreement = self.int8_agreement(float32.forward(batch), int8.forward(batch))
         if not good:
-            raise BackendMismatch(
-                f"int8 disagrees with float32 on the check photos: {self.int8_agreement_text}"
-            )
+            raise BackendMismatch(f"int8 disagrees with float32 on the check photos: {agreement}")
+        return agreement
 
     def int8_agreement(self, expected: torch.Tensor, actual: torch.Tensor) -> tuple[bool, str]:
         """Whether the int8 outputs ``actual`` are close enough to the float32 outputs
@@ -277,6 +301,26 @@ class ImageModel:
             difference <= INT8_TOLERANCE,
             f"outputs within {difference:.3f} (bound {INT8_TOLERANCE})",
         )
+
+    @property
+    def backend(self) -> Backend:
+        return self.built.backend
+
+    @property
+    def precision(self) -> str:
+        return self.built.precision
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return self.built.backend_fallback_reason
+
+    @property
+    def precision_reason(self) -> str:
+        return self.built.precision_reason
+
+    @property
+    def int8_speedup(self) -> float | None:
+        return self.built.int8_speedup
 
     @property
     def concurrency(self) -> int:
@@ -388,11 +432,11 @@ class ImageModel:
             "weights": self.model.weights,
             "device": str(backend.device),
             "backend": backend.name,
-            "backend_fallback_reason": self.fallback_reason,
-            "precision": self.precision,
-            "precision_reason": self.precision_reason,
-            "int8_recipe": None if self.int8_recipe is None else self.int8_recipe.name,
-            "int8_speedup": self.int8_speedup,
+            "backend_fallback_reason": self.built.backend_fallback_reason,
+            "precision": self.built.precision,
+            "precision_reason": self.built.precision_reason,
+            "int8_recipe": None if self.built.int8_recipe is None else self.built.int8_recipe.name,
+            "int8_speedup": self.built.int8_speedup,
             "channels_last": getattr(backend, "channels_last", None),
             "input_size": self.preprocess.crop_size,
         }
