@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from classification.image_model import INT8_TOLERANCE, ImageModel
+from classification.building import INT8_TOLERANCE
+from classification.image_model import ImageModel
 from classification.models import LoadedModel
 
 

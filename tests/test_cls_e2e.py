@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from api.limits import DISCARD_IDLE_SECONDS
-from classification.image_model import INT8_MIN_SPEEDUP
+from classification.building import INT8_MIN_SPEEDUP
 from classification.quantize import int8_recipe
 from harness.server import Server
 from settings import Settings

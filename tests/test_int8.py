@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+import classification.building
 import classification.classifier
-import classification.image_model
 from classification import Classifier, load_model
 from classification.models import LoadedModel
 from classification.onnx_backend import OnnxBackend
@@ -193,7 +193,7 @@ def test_seven_bit_weights_agree_with_float32_on_any_cpu(
 ) -> None:
     """Its integer arithmetic is exact on every CPU, so what it computes here it computes
     on a CPU without VNNI (the next test shows it on an emulated one)."""
-    monkeypatch.setattr(classification.image_model, "int8_recipe", lambda: SEVEN_BIT_GEMM)
+    monkeypatch.setattr(classification.building, "int8_recipe", lambda: SEVEN_BIT_GEMM)
     classifier = Classifier(model, backend="onnxruntime", precision="int8", cache_dir=cache_dir)
     assert classifier.precision == "int8", classifier.precision_reason
     assert "with 7-bit-gemm weights" in classifier.precision_reason
@@ -242,7 +242,7 @@ def test_on_an_emulated_cpu_without_vnni_only_seven_bit_weights_are_right(
     here = OnnxBackend(paths[1], float32.preprocess, 1).forward(photos).softmax(dim=1)
     assert (seven - here).abs().max() < 1e-3  # the same, but for float32's rounding
     # 0.100 measured: within the check's bound, with room for float32's rounding.
-    assert (seven - expected).abs().max() < classification.image_model.INT8_TOLERANCE
+    assert (seven - expected).abs().max() < classification.building.INT8_TOLERANCE
 
 
 def test_auto_serves_int8_where_it_is_accurate_and_faster(
@@ -251,7 +251,7 @@ def test_auto_serves_int8_where_it_is_accurate_and_faster(
     classifier = Classifier(model, backend="onnxruntime", precision="auto", cache_dir=cache_dir)
     speedup = classifier.int8_speedup
     assert speedup is not None
-    faster = speedup >= classification.image_model.INT8_MIN_SPEEDUP
+    faster = speedup >= classification.building.INT8_MIN_SPEEDUP
     assert classifier.precision == ("int8" if faster else "float32"), classifier.precision_reason
     if int8_recipe() is FULL_RANGE and cpu_flags() & {"avx512_vnni", "avx_vnni"}:
         # Measured 1.8x on an Intel Xeon with VNNI and AMX.
@@ -269,7 +269,7 @@ def test_auto_serves_float32_when_int8_is_not_fast_enough(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(classification.image_model, "INT8_MIN_SPEEDUP", 50.0)
+    monkeypatch.setattr(classification.building, "INT8_MIN_SPEEDUP", 50.0)
     with caplog.at_level(logging.WARNING):
         classifier = Classifier(model, backend="onnxruntime", precision="auto", cache_dir=cache_dir)
     assert classifier.precision == "float32"
