@@ -52,15 +52,6 @@ class BatcherStats:
         }
 
 
-# The counter of each reason an observer is told.
-_REJECTED = {
-    "queue_full": "rejected_full",
-    "would_expire": "rejected_late",
-    "closed": "rejected_closed",
-}
-_DROPPED = {"expired": "dropped_expired", "cancelled": "dropped_cancelled"}
-
-
 class Events(BatcherObserver):
     """Where the batcher reports what happens, once: each event is counted in ``stats``
     and passed on to the owner's ``observer``."""
@@ -73,11 +64,20 @@ class Events(BatcherObserver):
         self.stats.requests += 1
 
     def rejected(self, reason: str) -> None:
-        setattr(self.stats, _REJECTED[reason], getattr(self.stats, _REJECTED[reason]) + 1)
+        stats = self.stats
+        if reason == "would_expire":  # the one a retry storm repeats
+            stats.rejected_late += 1
+        elif reason == "queue_full":
+            stats.rejected_full += 1
+        else:
+            stats.rejected_closed += 1
         self.observer.rejected(reason)
 
     def dropped(self, reason: str) -> None:
-        setattr(self.stats, _DROPPED[reason], getattr(self.stats, _DROPPED[reason]) + 1)
+        if reason == "expired":
+            self.stats.dropped_expired += 1
+        else:
+            self.stats.dropped_cancelled += 1
         self.observer.dropped(reason)
 
     def batch_started(self, size: int) -> None:

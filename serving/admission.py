@@ -18,22 +18,18 @@ RETRY_AFTER_S = 1
 MAX_HOLD_S = 1.0
 
 
-@dataclass(frozen=True, slots=True)
 class Refusal:
-    """A request the server would not answer in time: ``error`` says why, and
-    ``retry_after`` is when to come back, in seconds."""
+    """A request the server would not answer in time: ``error`` says why, ``retry_after``
+    is when to come back, in seconds, and ``hold_s`` how long the edge holds the refused
+    connection before it reads from it again (the Retry-After, at most MAX_HOLD_S). Made
+    once per refusal, under a retry storm thousands of times a second: kept plain."""
 
-    error: NotReady | QueueFull
+    __slots__ = ("error", "hold_s", "retry_after")
 
-    @property
-    def retry_after(self) -> float:
-        return float(getattr(self.error, "retry_after", RETRY_AFTER_S))
-
-    @property
-    def hold_s(self) -> float:
-        """How long the edge holds the refused connection: the Retry-After, at most
-        MAX_HOLD_S."""
-        return min(self.retry_after, MAX_HOLD_S)
+    def __init__(self, error: NotReady | QueueFull) -> None:
+        self.error = error
+        self.retry_after = float(getattr(error, "retry_after", RETRY_AFTER_S))
+        self.hold_s = min(self.retry_after, MAX_HOLD_S)
 
 
 @dataclass(frozen=True, slots=True)
