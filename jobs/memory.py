@@ -112,10 +112,8 @@ class MemoryJobStore:
 
     @asynccontextmanager
     async def admit(self, nbytes: int) -> AsyncIterator[None]:
-        self.reading.check(
-            self.limits, self.live_jobs, self.queued_items, self.queued_bytes, nbytes
-        )
-        with self.reading.hold(nbytes):
+        counts = (self.live_jobs, self.queued_items, self.queued_bytes)
+        with self.reading.hold(self.limits, *counts, nbytes):
             yield
 
     def _check_room(self, items: int, nbytes: int) -> None:

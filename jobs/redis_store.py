@@ -60,8 +60,7 @@ class RedisJobStore(RedisWork):
         """Room is held in this process only: bodies read by other workers count once
         their jobs exist, and create.lua has the last word."""
         live, items, queued, _ = await self._counts()
-        self.reading.check(self.limits, live, items, queued, nbytes)
-        with self.reading.hold(nbytes):
+        with self.reading.hold(self.limits, live, items, queued, nbytes):
             yield
 
     @unavailable

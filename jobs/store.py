@@ -99,14 +99,14 @@ class Reading:
         self.jobs = 0
         self.nbytes = 0
 
-    def check(
-        self, limits: StoreLimits, live: int, items: int, nbytes: int, new_bytes: int
-    ) -> None:
-        """Raises StoreFull if a body of ``new_bytes`` may not be read now."""
-        limits.check(live + self.jobs, items, nbytes + self.nbytes, 0, new_bytes)
-
     @contextmanager
-    def hold(self, nbytes: int) -> Iterator[None]:
+    def hold(
+        self, limits: StoreLimits, live: int, items: int, queued: int, nbytes: int
+    ) -> Iterator[None]:
+        """Holds room for a body of ``nbytes`` beside ``live`` jobs with ``items`` images
+        of ``queued`` bytes, and the bodies already being read; raises StoreFull on entry
+        if there is none."""
+        limits.check(live + self.jobs, items, queued + self.nbytes, 0, nbytes)
         self.jobs += 1
         self.nbytes += nbytes
         try:
