@@ -90,7 +90,6 @@ class MicroBatcher(Generic[In, Out]):
         self.batch_fn = batch_fn
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_s
-        self.max_queue_size = max_queue_size
         self.name = name
         self.events = Events(observer)
         self.queues: PriorityQueues[In, Out] = PriorityQueues(

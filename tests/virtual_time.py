@@ -16,7 +16,6 @@ time is whatever the test advances while it holds the batch.
 """
 
 import asyncio
-import heapq
 import selectors
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -68,8 +67,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self.computing -= 1
 
     def next_timer(self) -> float | None:
-        live = [handle.when() for handle in self._scheduled if not handle.cancelled()]
-        return heapq.nsmallest(1, live)[0] if live else None
+        return min(
+            (handle.when() for handle in self._scheduled if not handle.cancelled()), default=None
+        )
 
 
 async def settle() -> None:
