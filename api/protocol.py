@@ -224,8 +224,6 @@ class AdmissionProtocol(HttpToolsProtocol):
         head += [b"\r\n", answer.body]
         return b"".join(head)
 
-    # Parking (see the module's docstring).
-
     # Read limits (see api/read_limits.py).
 
     def on_headers_complete(self) -> None:
@@ -264,6 +262,8 @@ class AdmissionProtocol(HttpToolsProtocol):
             cycle.disconnected = True
             cycle.message_event.set()
         self.transport.close()
+
+    # Parking (see the module's docstring).
 
     def on_message_complete(self) -> None:
         self._body_since = None
