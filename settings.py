@@ -1,13 +1,18 @@
-"""Every knob of the server, read once from environment variables (case-insensitive)."""
+"""Every knob of the server, read once from environment variables (case-insensitive).
+
+A task's own knobs (the image tasks' MODEL, PRECISION, TOP_K, ...) live with the task, in
+its ``Settings`` class, and are read by the same ``read_settings``."""
 
 import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+S = TypeVar("S", bound=BaseSettings)
 
 
 class ConfigError(Exception):
@@ -15,7 +20,8 @@ class ConfigError(Exception):
 
 
 class Settings(BaseSettings):
-    """Server configuration. Each field is the environment variable of the same name."""
+    """The server's configuration, shared by every task. Each field is the environment
+    variable of the same name."""
 
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 
@@ -49,30 +55,7 @@ class Settings(BaseSettings):
         min_length=1,
         description="Tasks served, as package.module:Class, comma-separated; each is POST /{name}.",
     )
-    model: str = Field(
-        "efficientnet_lite0",
-        min_length=1,
-        description="efficientnet_lite0 (bundled weights) or a torchvision classification model.",
-    )
-    weights: Path | None = Field(None, description="State-dict file to load instead of defaults.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    channels_last: Literal["auto", "true", "false"] = Field(
-        "auto", description="auto times both memory formats at warm-up and keeps the faster."
-    )
-    backend: Literal["auto", "torch", "onnxruntime"] = Field(
-        "auto", description="auto: ONNX Runtime on the CPU, PyTorch on CUDA."
-    )
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="PyTorch compute type; half types need CUDA."
-    )
-    precision: Literal["auto", "float32", "int8"] = Field(
-        "auto",
-        description="ONNX Runtime's precision. auto: int8 when, at startup, it agrees with "
-        "float32 and runs at least 1.3x as fast; else float32.",
-    )
-    calibration_dir: Path | None = Field(
-        None, description="Images to calibrate int8 on, for a model other than the default."
-    )
     model_cache_dir: Path = Field(
         Path(".model-cache"), description="Where ONNX exports and int8 models are kept."
     )
@@ -91,7 +74,6 @@ class Settings(BaseSettings):
         True, description="503 at once for requests the model could not answer within TIMEOUT."
     )
     drain_timeout: float = Field(10.0, ge=0, description="Seconds to finish work at shutdown.")
-    top_k: int = Field(5, ge=1, le=20)
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_job_files: int = Field(1000, ge=1, description="Images in one POST /jobs.")
@@ -130,12 +112,6 @@ class Settings(BaseSettings):
         3, ge=1, description="Deliveries of one job item before it is recorded as an error."
     )
     sse_heartbeat_s: float = Field(5.0, gt=0, description="Comment line interval on SSE.")
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    max_decode_pixels: int = Field(
-        80_000_000,
-        ge=1,
-        description="Pixels that a worker's decodes may hold at once; the rest wait.",
-    )
     web_dir: Path | None = Field(
         None, description="Folder of the page at GET / (index.html and its files); default web/."
     )
@@ -214,10 +190,11 @@ class Settings(BaseSettings):
         return self
 
 
-def load_settings() -> Settings:
-    """Reads the environment, or raises ConfigError naming each bad variable and value."""
+def read_settings(cls: type[S], whose: str = "") -> S:
+    """An instance of ``cls`` read from the environment, or ConfigError naming each bad
+    variable and value (``whose``, such as "task 'cls'", says whose settings they are)."""
     try:
-        return Settings()
+        return cls()
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -226,7 +203,13 @@ def load_settings() -> Settings:
                 continue
             name = ".".join(str(part) for part in error["loc"]).upper()
             problems.append(f"{name}={error.get('input')!r}: {error['msg']}")
-        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+        where = f" for {whose}" if whose else ""
+        raise ConfigError(f"invalid configuration{where}: " + "; ".join(problems)) from None
+
+
+def load_settings() -> Settings:
+    """Reads the server's settings, or raises ConfigError naming each bad variable."""
+    return read_settings(Settings)
 
 
 @lru_cache(maxsize=1)

@@ -12,8 +12,9 @@ from classification.classifier import Classifier, ClassifyInput, ClassScore
 from classification.embedding import Embedder
 from classification.errors import BadImage
 from classification.image_model import ImageModel
-from classification.models import load_model
-from serving.task import InputError, LoadContext, Payload, Task
+from classification.models import LoadedModel, load_model
+from classification.settings import ClassificationSettings, ImageSettings
+from serving.task import InputError, LoadContext, Payload, Task, TaskSettings
 
 HOW_TO_SEND = (
     "send multipart/form-data with a 'file' field (curl -F file=@cat.jpg) "
@@ -45,10 +46,9 @@ def image_bytes(payload: Payload) -> bytes:
         raise BadImage("field 'image' is not valid base64") from None
 
 
-def image_model_options(context: LoadContext) -> dict[str, Any]:
+def image_model_options(settings: ImageSettings, context: LoadContext) -> dict[str, Any]:
     """The ImageModel options that settings choose. Also sizes the process's decode
     budget (MAX_DECODE_PIXELS), before the first decode."""
-    settings = context.settings
     decode.size_budget(settings.max_decode_pixels)
     return {
         "device": context.device,
@@ -63,9 +63,10 @@ def image_model_options(context: LoadContext) -> dict[str, Any]:
 
 
 class ImageTask:
-    """What the image tasks share: MODEL and WEIGHTS, decoding within MAX_IMAGE_PIXELS,
-    warm-up on the backend."""
+    """What the image tasks share: their settings (MODEL, WEIGHTS, ...), decoding within
+    MAX_IMAGE_PIXELS, warm-up on the backend."""
 
+    Settings: ClassVar[type[TaskSettings]] = ImageSettings
     jobs_field: ClassVar[str] = "images"
     json_schema: ClassVar[dict[str, Any]] = {
         "type": "object",
@@ -78,8 +79,15 @@ class ImageTask:
             }
         },
     }
+    settings: ImageSettings
     model: ImageModel
     max_pixels: int
+
+    def load_model(self, context: LoadContext) -> tuple[LoadedModel, dict[str, Any]]:
+        """MODEL with WEIGHTS, and the ImageModel options the settings choose."""
+        settings = self.settings
+        self.max_pixels = settings.max_image_pixels
+        return load_model(settings.model, settings.weights), image_model_options(settings, context)
 
     def check_item(self, value: Any) -> None:
         image_text(value)
@@ -126,15 +134,15 @@ class ImageClassification(ImageTask, Task[ClassifyInput, list[ClassScore]]):
     """Top-k ImageNet classes (or those of MODEL) for one image."""
 
     name = "cls"
+    Settings = ClassificationSettings
     Options = ClassifyOptions
     Response = Classification
+    settings: ClassificationSettings
 
     def load(self, context: LoadContext) -> None:
-        settings = context.settings
-        self.top_k = settings.top_k
-        self.max_pixels = settings.max_image_pixels
-        loaded = load_model(settings.model, settings.weights)
-        self.model = self.classifier = Classifier(loaded, **image_model_options(context))
+        self.top_k = self.settings.top_k
+        loaded, options = self.load_model(context)
+        self.model = self.classifier = Classifier(loaded, **options)
 
     def decode(self, payload: Payload, options: ClassifyOptions) -> ClassifyInput:
         return ClassifyInput(self.prepare(payload), options.top_k or self.top_k)
@@ -159,10 +167,8 @@ class ImageEmbedding(ImageTask, Task[np.ndarray, list[float]]):
     Response = Embedding
 
     def load(self, context: LoadContext) -> None:
-        settings = context.settings
-        self.max_pixels = settings.max_image_pixels
-        loaded = load_model(settings.model, settings.weights)
-        self.model = self.embedder = Embedder(loaded, **image_model_options(context))
+        loaded, options = self.load_model(context)
+        self.model = self.embedder = Embedder(loaded, **options)
 
     def decode(self, payload: Payload, options: BaseModel) -> np.ndarray:
         return self.prepare(payload)

@@ -4,7 +4,7 @@ of HTTP (that is api/) and of any particular model (classification/ is one task)
 
 from serving.engine import Engine, open_job_store
 from serving.errors import InferenceFailed, NotReady
-from serving.task import InputError, LoadContext, NoOptions, Payload, Task
+from serving.task import InputError, LoadContext, NoOptions, Payload, Task, TaskSettings
 
 __all__ = [
     "Engine",
@@ -15,5 +15,6 @@ __all__ = [
     "NotReady",
     "Payload",
     "Task",
+    "TaskSettings",
     "open_job_store",
 ]

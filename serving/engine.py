@@ -113,7 +113,6 @@ class Engine:
             device=device,
             threads=max(1, settings.intra_op_threads // len(tasks)),
             cache_dir=settings.model_cache_dir,
-            settings=settings,
         )
         for task in tasks:
             await asyncio.to_thread(task.load, context)

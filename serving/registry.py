@@ -14,7 +14,8 @@ def load_tasks(spec: str) -> list[Task[object, object]]:
     """One instance of each class in ``spec`` (``package.module:Class``, comma-separated).
 
     Raises ValueError naming TASKS and the entry at fault: an import that fails, a class
-    that does not implement the interface, a name taken twice or by a built-in route.
+    that does not implement the interface, a name taken twice or by a built-in route; and
+    ConfigError naming the variable when a task's own settings hold a bad value.
     """
     tasks: list[Task[object, object]] = []
     for entry in (part.strip() for part in spec.split(",")):
@@ -36,7 +37,9 @@ def load_tasks(spec: str) -> list[Task[object, object]]:
             raise ValueError(f"TASKS entry {entry!r}: the name {name!r} is a built-in route")
         if any(task.name == name for task in tasks):
             raise ValueError(f"TASKS names {name!r} twice; each task needs its own name")
-        tasks.append(task_class())
+        task = task_class()
+        task.settings  # noqa: B018 -- read now, so that a bad value stops startup
+        tasks.append(task)
     if not tasks:
         raise ValueError("TASKS is empty: name at least one package.module:Class")
     return tasks

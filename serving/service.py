@@ -205,6 +205,7 @@ class TaskService:
         batcher = self.batcher
         return {
             "model": {"warmup": self.warmup_report, **self.task.describe()},
+            "settings": self.task.settings.model_dump(mode="json"),
             "ready": self.warmed_up.is_set(),
             "batching": {
                 "max_batch_size": batcher.max_batch_size,

@@ -7,13 +7,15 @@ admission and load shedding, batching, the 503/504 contract, jobs, metrics, read
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.warmup import tune_batch_size
-from settings import Settings
+from settings import read_settings
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -39,22 +41,34 @@ class InputError(Exception):
 @dataclass(frozen=True)
 class LoadContext:
     """What ``load`` may use: where to compute, with how many threads, and where to keep
-    files it derives (exports, caches). ``settings`` holds the server's configuration."""
+    files it derives (exports, caches)."""
 
     device: str
     threads: int
     cache_dir: Path
-    settings: Settings
 
 
 class NoOptions(BaseModel):
     """The options of a task that takes none."""
 
 
+class TaskSettings(BaseSettings):
+    """Subclass this for a task's own settings: each field is an environment variable of
+    the same name (case-insensitive), read and validated when the server starts."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+
+class NoSettings(TaskSettings):
+    """The settings of a task that has none of its own."""
+
+
 class Task(Generic[Item, Result]):
     """Subclass this, set ``name`` and implement the four methods.
 
-    Optional: ``Options``, a pydantic model of the request's query parameters (validated,
+    Optional: ``Settings``, a ``TaskSettings`` subclass of the task's own environment
+    variables (read at startup, a bad value stops it, ``self.settings`` in the task);
+    ``Options``, a pydantic model of the request's query parameters (validated,
     422 on a bad value, passed to ``decode`` and ``encode``); ``Response``, the pydantic
     model of ``encode``'s answer, for the OpenAPI schema; ``jobs_field``, the JSON key
     that holds a job's items; ``check_item``, ``light_model``, ``example``, ``warm_up`` and
@@ -62,9 +76,17 @@ class Task(Generic[Item, Result]):
     """
 
     name: ClassVar[str]
+    Settings: ClassVar[type[TaskSettings]] = NoSettings
     Options: ClassVar[type[BaseModel]] = NoOptions
     Response: ClassVar[type[BaseModel] | None] = None
     jobs_field: ClassVar[str] = "inputs"
+
+    @cached_property
+    def settings(self) -> Any:
+        """This task's ``Settings``, read from the environment on first use. The server
+        reads them before it starts, so that a bad value stops it with a message naming
+        the variable; annotate to get their type (``settings: MySettings = self.settings``)."""
+        return read_settings(self.Settings, f"task {self.name!r}")
 
     def load(self, context: LoadContext) -> None:
         """Loads the model. Runs once at startup, in a thread; raise ValueError with a
@@ -147,3 +169,6 @@ def check_task(task_class: Any, spec: str) -> None:
         raise ValueError(f"TASKS entry {spec!r} does not implement {', '.join(missing)}")
     if not (isinstance(task_class.Options, type) and issubclass(task_class.Options, BaseModel)):
         raise ValueError(f"TASKS entry {spec!r}: Options must be a pydantic model")
+    settings = task_class.Settings
+    if not (isinstance(settings, type) and issubclass(settings, TaskSettings)):
+        raise ValueError(f"TASKS entry {spec!r}: Settings must subclass serving.TaskSettings")

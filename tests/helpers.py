@@ -18,9 +18,16 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from api.protocol import AdmissionProtocol
+from classification.settings import ClassificationSettings
 from harness.server import Server, free_port, launch, stop, wait_ready
+from settings import Settings
 from tests.images import photo_bytes
 from tests.services import RedisServer
+
+EVERY_SETTING = {
+    name.upper() for name in [*Settings.model_fields, *ClassificationSettings.model_fields]
+}
+"""Every environment variable the server reads: its own, and the built-in tasks'."""
 
 
 def submit(server: Server, parts: list[tuple[str, bytes]]) -> dict[str, Any]:

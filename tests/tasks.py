@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from serving import InputError, LoadContext, Task
+from serving import InputError, LoadContext, Task, TaskSettings
 
 UNLUCKY = 13
 
@@ -47,6 +47,21 @@ class Square(Task[int, int]):
 
     def describe(self) -> dict[str, Any]:
         return {"name": "square", "threads": self.threads}
+
+
+class ShiftSettings(TaskSettings):
+    shift: int = Field(0, ge=0, le=1000, description="Added to x before it is squared.")
+
+
+class Shifted(Square):
+    """Square with a setting of its own: SHIFT is added to x."""
+
+    name = "shifted"
+    Settings = ShiftSettings
+
+    def decode(self, payload: Any, options: SquareOptions) -> int:
+        settings: ShiftSettings = self.settings
+        return super().decode(payload, options) + settings.shift
 
 
 class FailingWarmUp(Square):

@@ -16,9 +16,10 @@ import yaml
 from main import create_app
 from scripts.dockerfile_smoke import instructions
 from settings import Settings
+from tests.helpers import EVERY_SETTING
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = {name.upper() for name in Settings.model_fields}
+SETTINGS = EVERY_SETTING
 DOCKERFILE = instructions(ROOT / "Dockerfile")
 
 

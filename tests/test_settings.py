@@ -9,9 +9,7 @@ def test_defaults() -> None:
     settings = Settings()
     assert settings.host == "127.0.0.1"
     assert settings.port == 5001
-    assert settings.model == "efficientnet_lite0"
     assert settings.timeout == 2.0
-    assert settings.top_k == 5
 
 
 def test_lowercase_variables_work_as_in_the_original_compose_file(
@@ -30,8 +28,6 @@ def test_lowercase_variables_work_as_in_the_original_compose_file(
         ("TIMEOUT", "0"),
         ("MAX_QUEUE_SIZE", "-1"),
         ("DEVICE", "tpu"),
-        ("TOP_K", "50"),
-        ("CHANNELS_LAST", "sometimes"),
         ("PORT", "http"),
     ],
 )
