@@ -21,7 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from jobs import scripts
@@ -140,29 +140,33 @@ class RedisBase:
         self._cancel_callbacks.append(callback)
 
     async def _listen(self) -> None:
-        """Follows job changes and cancellations published by every replica; after an
-        outage every watcher is woken to read the state again."""
-        changed, cancelled = f"{self.prefix}:changed", f"{self.prefix}:cancelled"
-        backoff = 0.1
+        """Follows job changes and cancellations published by every replica, for good.
+        A lost subscription is tried again at once, then after 0.1, 0.2, ... 2 s (redis-py's
+        Retry); after an outage every watcher is woken to read the state again."""
+        retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), -1, (RedisError,))
         while True:
+            await retry.call_with_retry(self._follow, self._lost)
+
+    async def _lost(self, error: Exception) -> None:
+        logger.debug("job store listener cannot reach Redis (%s); retrying", error)
+
+    async def _follow(self) -> None:
+        """Subscribes, then passes messages on until the connection is lost: returns then,
+        so that the retry's backoff starts afresh."""
+        changed, cancelled = f"{self.prefix}:changed", f"{self.prefix}:cancelled"
+        async with self._listener_client.pubsub() as pubsub:
+            await pubsub.subscribe(changed, cancelled)
+            self.feed.notify_all()
             try:
-                async with self._listener_client.pubsub() as pubsub:
-                    await pubsub.subscribe(changed, cancelled)
-                    self.feed.notify_all()
-                    backoff = 0.1
-                    while True:
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=5.0
-                        )
-                        if message is None:
-                            continue
-                        job_id = text(message["data"])
-                        if text(message["channel"]) == cancelled:
-                            self._running.pop(job_id, None)
-                            for callback in self._cancel_callbacks:
-                                callback(job_id)
-                        self.feed.notify(job_id)
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if message is None:
+                        continue
+                    job_id = text(message["data"])
+                    if text(message["channel"]) == cancelled:
+                        self._running.pop(job_id, None)
+                        for callback in self._cancel_callbacks:
+                            callback(job_id)
+                    self.feed.notify(job_id)
             except RedisError as exc:
                 logger.debug("job store listener lost Redis (%s); reconnecting", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)

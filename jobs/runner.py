@@ -6,6 +6,8 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+from redis.backoff import ExponentialBackoff
+
 from jobs.models import ItemResult, WorkItem
 from jobs.store import JobStore, StoreUnavailable
 
@@ -16,7 +18,8 @@ ProcessItem = Callable[[WorkItem, bytes], Awaitable[ItemResult]]
 DescribeError = Callable[[BaseException], dict[str, Any]]
 
 TAKE_WAIT_S = 1.0
-MAX_BACKOFF_S = 5.0
+TAKE_BACKOFF = ExponentialBackoff(cap=5.0, base=0.05)
+"""Waits between failed takes: 0.1, 0.2, ... 5 s."""
 
 
 class HandBack(Exception):
@@ -102,7 +105,7 @@ class JobRunner:
                 logger.warning("could not hand back job items (%s); they will be reclaimed", exc)
 
     async def _consume(self) -> None:
-        backoff = 0.1
+        failures = 0
         while self._taking:
             free = self.concurrency - len(self._in_flight)
             if free <= 0:
@@ -112,11 +115,12 @@ class JobRunner:
             try:
                 items = await self.store.take(free, TAKE_WAIT_S)
             except StoreUnavailable as exc:
-                logger.warning("cannot take job items (%s); retrying in %.1f s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(2 * backoff, MAX_BACKOFF_S)
+                failures += 1
+                delay = TAKE_BACKOFF.compute(failures)
+                logger.warning("cannot take job items (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
                 continue
-            backoff = 0.1
+            failures = 0
             if not self._taking:
                 self._handing_back += items
                 return
