@@ -27,10 +27,8 @@ import asyncio
 import logging
 import os
 import socket
-import urllib.parse
 from typing import Any, cast
 
-import httptools
 import uvicorn
 from starlette.types import Scope
 from uvicorn._types import ASGI3Application
@@ -43,6 +41,7 @@ from uvicorn.protocols.http.httptools_impl import (
 from api.door import Door
 from api.errors import ErrorAnswer, error_answer
 from api.read_limits import CLOSED, OPEN, SWEEP_S, ReadLimits, Sweep
+from api.waiting import drop, parse_waiting, peek
 from serving.admission import Refusal
 from settings import Settings
 
@@ -53,18 +52,10 @@ logger = logging.getLogger(__name__)
 # add one.
 TESTED_UVICORN = frozenset({"0.54.0"})
 
-# How much of a waiting request the parked path reads to judge it: its head must fit.
-HEAD_BYTES = 8192
 # Parked connections wake on this grid of the loop's clock, up to one step before their
 # hold ends: those parked around the same time are judged in one pass of the loop, where
 # waking each alone would cost a pass (and cold caches) per refusal.
 WAKE_STEP_S = 0.1
-# A waiting request is dropped in the kernel this much at a time; one whose declared body
-# has more digits than this is read the normal way (and refused 413 there).
-DROP_CHUNK = 1 << 20
-MAX_DROP_DIGITS = 12
-# recv flags, as a plain int (or-ing the enums costs more than the call).
-_DROP = int(socket.MSG_TRUNC | socket.MSG_DONTWAIT)
 
 
 def find_door(app: object) -> Door | None:
@@ -80,30 +71,6 @@ def find_door(app: object) -> Door | None:
 
 def scope_of(cycle: RequestResponseCycle) -> Scope:
     return cast(Scope, cycle.scope)  # uvicorn's TypedDict, as the plain mapping it is
-
-
-class RequestHead:
-    """httptools callbacks that keep what the door needs from one request's head (and
-    nothing of its body)."""
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: dict[bytes, bytes] = {}
-        self.repeated = False  # a header given twice: left to the full parser
-        self.complete = False
-
-    def on_url(self, url: bytes) -> None:
-        if not self.complete:
-            self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.complete:
-            name = name.lower()
-            self.repeated |= name in self.headers
-            self.headers[name] = value
-
-    def on_headers_complete(self) -> None:
-        self.complete = True
 
 
 class AdmissionProtocol(HttpToolsProtocol):
@@ -311,7 +278,7 @@ class AdmissionProtocol(HttpToolsProtocol):
         after refusing it, else reads on as usual. ``closing``: the server is shutting
         down, and the connection closes after the refusal."""
         since = self._parked_since or self.loop.time()
-        waiting = self._read_head()
+        waiting = peek(self._socket())
         if waiting is None:  # it sent nothing during the hold: an idle connection
             if closing:
                 self.transport.close()
@@ -322,7 +289,7 @@ class AdmissionProtocol(HttpToolsProtocol):
         spans = self._judge_head(waiting, since, closing) if waiting else None
         if closing:
             if spans is not None:
-                self._drop(spans - len(waiting))  # so that the close is not a reset
+                drop(self._socket(), spans - len(waiting))  # so that the close is not a reset
             self.transport.close()
         elif spans is None:
             # Read and judged the normal way, as waiting since the hold began: it came
@@ -332,7 +299,7 @@ class AdmissionProtocol(HttpToolsProtocol):
             self.data_received(waiting)  # what the transport would have read
         else:
             self.server_state.total_requests += 1
-            self._discard = self._drop(spans - len(waiting))
+            self._discard = drop(self._socket(), spans - len(waiting))
             if self._discard:
                 # The rest of its body is dropped as it arrives, within the keep-alive
                 # timeout.
@@ -349,33 +316,6 @@ class AdmissionProtocol(HttpToolsProtocol):
             self.timeout_keep_alive, self.timeout_keep_alive_handler
         )
 
-    def _read_head(self) -> bytes | None:
-        """The start of what waits in the socket (its head, if it is a request with a
-        head of ordinary size); b"" at its end; None when nothing does."""
-        try:
-            return self._socket().recv(HEAD_BYTES, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return b""
-
-    def _drop(self, count: int) -> int:
-        """Drops up to ``count`` waiting bytes in the kernel, uncopied; how many are still
-        to come."""
-        if count <= 0:
-            return 0
-        sock = self._socket()
-        try:
-            while count:
-                # recv allocates the size asked for, even for bytes it drops.
-                dropped = len(sock.recv(min(count, DROP_CHUNK), _DROP))
-                if not dropped:
-                    break
-                count -= dropped
-        except OSError:
-            pass
-        return count
-
     def _socket(self) -> socket.socket:
         """The connection's socket, for reads the transport does not make: a duplicate
         of its descriptor, closed with the connection (closing it closes nothing else)."""
@@ -388,40 +328,17 @@ class AdmissionProtocol(HttpToolsProtocol):
         """Writes the door's refusal for the request whose head starts ``waiting`` and
         returns how many bytes it spans, head and body; None when it is to be read the
         normal way, from ``waiting`` on."""
-        end = waiting.find(b"\r\n\r\n")
-        if end < 0 or self.door is None:
+        request = parse_waiting(waiting)
+        if request is None or self.door is None:
             return None
-        head = RequestHead()
-        parser = httptools.HttpRequestParser(head)
-        try:
-            parser.feed_data(waiting[: end + 4])
-            path = httptools.parse_url(head.url).path.decode("ascii")
-        except (httptools.HttpParserError, UnicodeDecodeError):
-            return None  # the normal way answers it 400
-        headers = head.headers
-        length = headers.get(b"content-length", b"")
-        if (
-            not head.complete
-            or head.repeated
-            or not length.isdigit()
-            or len(length) > MAX_DROP_DIGITS  # a body this large is the normal way's 413
-            or b"transfer-encoding" in headers
-            or b"expect" in headers
-            or b"upgrade" in headers
-            or parser.get_http_version() != "1.1"
-            or not parser.should_keep_alive()
-        ):
-            return None
-        if "%" in path:
-            path = urllib.parse.unquote(path)
-        scope = {"method": parser.get_method().decode("ascii"), "path": self.root_path + path}
+        scope = {"method": request.method, "path": self.root_path + request.path}
         if not self.door.guards(scope):
             return None
         refusal = self.door.judge(scope, arrived_at)
         if refusal is None:
             return None
         self._refuse(refusal, keep_alive=not closing)
-        return end + 4 + int(length)
+        return request.spans
 
     def data_received(self, data: bytes) -> None:
         self._bytes_in += len(data)
