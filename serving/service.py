@@ -19,21 +19,35 @@ from settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# How a job item is stored: a tag byte, then the uploaded file or the JSON item.
-_FILE, _JSON = b"f", b"j"
+# How a job item is stored: a tag byte, then the uploaded file or the JSON item. A job
+# with options stores them before each item: the tag "o", the length of their JSON in 4
+# bytes, the JSON, then the item as above.
+_FILE, _JSON, _OPTIONS = b"f", b"j", b"o"
 
 
-def pack_job_item(payload: Payload) -> bytes:
-    """A job item's payload as the bytes a job store keeps."""
+def pack_job_item(payload: Payload, options: dict[str, Any] | None = None) -> bytes:
+    """A job item's payload, and the job's options other than the defaults, as the bytes
+    a job store keeps."""
     if isinstance(payload, bytes):
-        return _FILE + payload
-    return _JSON + json.dumps(payload, separators=(",", ":")).encode()
+        packed = _FILE + payload
+    else:
+        packed = _JSON + json.dumps(payload, separators=(",", ":")).encode()
+    if not options:
+        return packed
+    text = json.dumps(options, separators=(",", ":")).encode()
+    return _OPTIONS + len(text).to_bytes(4, "big") + text + packed
 
 
-def unpack_job_item(data: bytes) -> Payload:
+def unpack_job_item(data: bytes) -> tuple[Payload, dict[str, Any]]:
+    """The payload and the options ``pack_job_item`` stored."""
+    options: dict[str, Any] = {}
+    if data[:1] == _OPTIONS:
+        end = 5 + int.from_bytes(data[1:5], "big")
+        options = json.loads(data[5:end])
+        data = data[end:]
     if data[:1] == _JSON:
-        return json.loads(data[1:])
-    return data[1:]
+        return json.loads(data[1:]), options
+    return data[1:], options
 
 
 class DecodePools:
@@ -158,9 +172,10 @@ class TaskService:
             raise InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}") from exc
 
     async def run_job_item(self, data: bytes) -> Any:
-        """Computes one stored job item, with the task's default options."""
-        options = self.default_options
-        result = await self.run(unpack_job_item(data), options, bulk=True)
+        """Computes one stored job item, with its job's options."""
+        payload, stored = unpack_job_item(data)
+        options = self.task.Options.model_validate(stored) if stored else self.default_options
+        result = await self.run(payload, options, bulk=True)
         return _jsonable(self.task.encode(result, options))
 
     async def _decode(

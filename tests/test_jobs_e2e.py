@@ -89,6 +89,25 @@ def test_base64_job_with_an_invalid_item(jobs_server: Server) -> None:
     assert final["results"][1]["error"]["status"] == 400
 
 
+@pytest.mark.parametrize("route", ["/jobs", "/cls/jobs"])
+def test_a_jobs_options_apply_to_every_item(jobs_server: Server, route: str) -> None:
+    files = [("files", (f"{name}.jpg", photo_bytes(name))) for name in ["chelsea", "rocket"]]
+    response = httpx.post(f"{jobs_server.url}{route}?top_k=2", files=files, timeout=60)
+    assert response.status_code == 202, response.text
+    final = poll_until_finished(jobs_server, response.json()["job_id"])[-1]
+    assert [len(result["top_k"]) for result in final["results"]] == [2, 2]
+    assert final["results"][1]["prediction"]["label"] == "missile"
+
+
+@pytest.mark.parametrize("route", ["/jobs", "/cls/jobs"])
+def test_a_jobs_bad_option_is_422_naming_it(jobs_server: Server, route: str) -> None:
+    files = [("files", ("chelsea.jpg", photo_bytes("chelsea")))]
+    response = httpx.post(f"{jobs_server.url}{route}?top_k=50", files=files, timeout=60)
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["query", "top_k"]
+
+
 def test_a_job_whose_items_all_fail_is_failed(jobs_server: Server) -> None:
     job = submit(jobs_server, [("a.txt", b"text"), ("b.jpg", truncated_jpeg())])
     final = poll_until_finished(jobs_server, job["job_id"])[-1]

@@ -87,6 +87,18 @@ def test_a_job_submitted_on_one_replica_is_read_and_resumed_on_the_other(
     assert all(count > 0 for count in computed), computed
 
 
+def test_a_jobs_options_reach_the_replica_that_computes_each_item(
+    cluster: tuple[str, list[Server]],
+) -> None:
+    _, (a, b) = cluster
+    names = NAMES * 4
+    files = [("files", (f"{name}.jpg", photo_bytes(name))) for name in names]
+    response = httpx.post(f"{a.url}/cls/jobs?top_k=3", files=files, timeout=60)
+    assert response.status_code == 202, response.text
+    final = assert_every_item_once_and_correct(b, response.json()["job_id"], names)
+    assert [len(result["top_k"]) for result in final["results"]] == [3] * len(names)
+
+
 def test_cancel_on_one_replica_stops_items_in_flight_on_the_other(
     cluster: tuple[str, list[Server]],
 ) -> None:

@@ -2,10 +2,13 @@
 
 import asyncio
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
 
 from api.deps import EngineDep
 from api.errors import describe
@@ -38,22 +41,41 @@ async def _job(engine: EngineDep, job_id: str) -> dict[str, Any]:
     return job
 
 
+def job_options(task: Task[Any, Any], query: Mapping[str, str]) -> BaseModel:
+    """The task's ``Options`` from a job's query parameters, or 422 as for the task's own
+    route."""
+    try:
+        return task.Options.model_validate(dict(query))
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**error, "loc": ("query", *error["loc"])} for error in exc.errors()]
+        ) from None
+
+
 async def create_job(
-    request: Request, engine: Engine, task: str, idempotency_key: str | None
+    request: Request,
+    engine: Engine,
+    task: str,
+    idempotency_key: str | None,
+    options: BaseModel | None = None,
 ) -> JSONResponse:
-    """Stores a job of the request's items for ``task`` and answers 202 with its summary."""
+    """Stores a job of the request's items for ``task``, computed with ``options`` (by
+    default those of the request's query), and answers 202 with its summary."""
     store = _store(engine)
     engine.require_ready()
     settings = engine.settings
     declared = request.headers.get("content-length", "")
     task_object = engine.services[task].task
+    if options is None:
+        options = job_options(task_object, request.query_params)
+    chosen = options.model_dump(mode="json", exclude_defaults=True)
     size = int(declared) if declared.isdigit() else settings.max_job_bytes
     # Refused before the body is read when the store is full; room is held until the
     # job exists, so that concurrent uploads cannot all pass.
     async with store.admit(min(size, settings.max_job_bytes)):
         items = await read_job_payloads(request, settings.max_job_files, task_object.jobs_field)
         # Off the event loop: a JSON item is serialised again, up to MAX_JOB_BYTES.
-        payload = await asyncio.to_thread(_pack, items, task_object)
+        payload = await asyncio.to_thread(_pack, items, task_object, chosen)
         del items
         digest = "" if idempotency_key is None else await asyncio.to_thread(content_digest, payload)
         job, created = await store.create(payload, idempotency_key, task, digest)
@@ -63,9 +85,11 @@ async def create_job(
     return JSONResponse(job, 202, headers=headers)
 
 
-def _pack(items: list[Payload | InputError], task: Task[Any, Any]) -> list[bytes | dict[str, Any]]:
-    """Each item as a job store keeps it; one the task can never take becomes its error
-    result at once."""
+def _pack(
+    items: list[Payload | InputError], task: Task[Any, Any], options: dict[str, Any]
+) -> list[bytes | dict[str, Any]]:
+    """Each item as a job store keeps it, with the job's ``options``; one the task can
+    never take becomes its error result at once."""
     packed: list[bytes | dict[str, Any]] = []
     for item in items:
         if not isinstance(item, (bytes, InputError)):
@@ -74,7 +98,9 @@ def _pack(items: list[Payload | InputError], task: Task[Any, Any]) -> list[bytes
             except InputError as exc:
                 item = exc
         packed.append(
-            {"error": describe(item)} if isinstance(item, InputError) else pack_job_item(item)
+            {"error": describe(item)}
+            if isinstance(item, InputError)
+            else pack_job_item(item, options)
         )
     return packed
 
@@ -104,8 +130,9 @@ async def submit(
 ) -> JSONResponse:
     """A job for the first task in TASKS (`/cls` by default), as `POST /{task}/jobs`:
     multipart `files` parts, or JSON with the task's list field (`{"images": [...]}`
-    for /cls). A retried submission with the same `Idempotency-Key` returns the job it
-    created."""
+    for /cls). The task's options are query parameters, as on its own route, and apply
+    to every item. A retried submission with the same `Idempotency-Key` returns the job
+    it created."""
     return await create_job(request, engine, engine.primary.name, idempotency_key)
 
 
