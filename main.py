@@ -1,12 +1,14 @@
 """Assembles the app. ``main:app`` serves under uvicorn or gunicorn; ``python main.py``
 starts uvicorn on HOST:PORT."""
 
+import asyncio
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from contextlib import asynccontextmanager, contextmanager
 from types import FrameType
 from typing import Any
@@ -20,11 +22,16 @@ from api.errors import describe, install_error_handlers
 from api.limits import BodySizeLimitMiddleware
 from api.protocol import server_options
 from api.routes import health, jobs, metadata, metrics
+from api.routes.docs import docs_router
 from api.routes.page import page_router, read_page
 from api.routes.tasks import task_router
 from serving import Engine
 from serving.registry import load_tasks
 from settings import ConfigError, Settings, get_settings
+
+logger = logging.getLogger("server")
+
+TITLE = "Micro-batching inference server"
 
 
 def configure_logging(settings: Settings) -> None:
@@ -74,21 +81,54 @@ def stop_this_process(reason: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+async def announce_ready(
+    engine: Engine, settings: Settings, routes: list[str], started: float
+) -> None:
+    """Logs the one line that says the server now serves, once every task is warm."""
+    await engine.warmed_up.wait()
+    host, _, port = settings.gunicorn_bind.rpartition(":")
+    host = "127.0.0.1" if host in ("", "0.0.0.0", "[::]") else host
+    url = f"http://{host}:{port}" if port.isdigit() else settings.gunicorn_bind
+    logger.info(
+        "Ready: %s/ serves %s (the page at /, the API at /docs), warmed up in %.1f s",
+        url,
+        ", ".join(f"POST {route}" for route in routes),
+        time.monotonic() - started,
+    )
+
+
 class ServingApp(FastAPI):
     """FastAPI with an admission door in front of all of it. Under a retry storm most
     requests are refusals, and FastAPI's own layers (telemetry, body limit, exception
     handling) cost more per request than the refusal itself; the door answers before them.
     ``door`` is also what AdmissionProtocol (api/protocol.py) asks, earlier still, under
     ``run()`` and the gunicorn worker. ``task_routes`` maps each task's path to its name.
+    ``cannot_start`` holds why a task could not load, for the one line that says so.
     """
 
     def __init__(self, task_routes: dict[str, str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.door = Door(self.state, task_routes)
         self._early = EarlyAdmission(super().__call__, self.door)
+        self.cannot_start: str | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await super().__call__(scope, receive, self._startup_failure_told(send))
+            return
         await self._early(scope, receive, send)
+
+    def _startup_failure_told(self, send: Send) -> Send:
+        """The server's ``send``, with the traceback Starlette reports for a failed startup
+        replaced by the message alone when a task could not load for a reason it named
+        (a setting to fix), as the configuration errors are."""
+
+        async def told(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.cannot_start is not None:
+                message = {**message, "message": f"cannot start: {self.cannot_start}"}
+            await send(message)
+
+        return told
 
 
 def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True) -> ServingApp:
@@ -107,20 +147,33 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = Engine(settings, describe, stop_this_process if exit_on_failure else None)
         app.state.engine = engine
+        started = time.monotonic()
         try:
-            await engine.start(tasks)
+            try:
+                await engine.start(tasks)
+            except ValueError as exc:  # the task named what to fix
+                if isinstance(app, ServingApp):
+                    app.cannot_start = str(exc)
+                raise
+            ready = asyncio.create_task(
+                announce_ready(engine, settings, list(routes), started), name="announce-ready"
+            )
             with unready_on_termination(engine):
                 yield
+            ready.cancel()
         finally:
             await engine.stop()
 
     configure_logging(settings)
+    routes = {f"/{task.name}": task.name for task in tasks}
     app = ServingApp(
-        {f"/{task.name}": task.name for task in tasks},
-        title="Micro-batching inference server",
+        routes,
+        title=TITLE,
         summary="Concurrent callers share each model through an asyncio micro-batcher.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by api/routes/docs.py, offline
+        redoc_url=None,
     )
     app.state.settings = settings
     app.add_middleware(
@@ -138,6 +191,7 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
     for router in (jobs.router, health.router, metadata.router, metrics.router):
         app.include_router(router)
     app.include_router(page_router(page))
+    app.include_router(docs_router(TITLE))
     return app
 
 

@@ -196,15 +196,21 @@ def read_settings(cls: type[S], whose: str = "") -> S:
     try:
         return cls()
     except ValidationError as exc:
-        problems = []
+        problems: dict[str, list[str]] = {}
         for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
             if not error["loc"]:
-                problems.append(error["msg"].removeprefix("Value error, "))
+                problems.setdefault(message, [])
                 continue
-            name = ".".join(str(part) for part in error["loc"]).upper()
-            problems.append(f"{name}={error.get('input')!r}: {error['msg']}")
+            # A field of several types fails once per type: one line, its reasons joined.
+            name = str(error["loc"][0]).upper()
+            problems.setdefault(f"{name}={error.get('input')!r}", []).append(message)
+        text = "; ".join(
+            f"{what}: {' or '.join(reasons)}" if reasons else what
+            for what, reasons in problems.items()
+        )
         where = f" for {whose}" if whose else ""
-        raise ConfigError(f"invalid configuration{where}: " + "; ".join(problems)) from None
+        raise ConfigError(f"invalid configuration{where}: {text}") from None
 
 
 def load_settings() -> Settings:

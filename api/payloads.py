@@ -16,8 +16,8 @@ MAX_FIELDS = 4
 MAX_FIELD_BYTES = 16 * 1024
 
 HOW_TO_SEND = (
-    "send multipart/form-data with a 'file' field (curl -F file=@cat.jpg) "
-    "or an application/json body"
+    "send multipart/form-data with a 'file' field (curl -F file=@input) or an"
+    " application/json body (curl --json @body.json); /docs shows what each route takes"
 )
 
 

@@ -12,7 +12,14 @@ def headless_chromium(chromium: str, chromedriver: str) -> WebDriver:
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     # No sandbox: the tests run as root in CI; the page is our own, served on loopback.
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+    # No network either: every name but the loopback address fails to resolve, so that a
+    # page which fetches from elsewhere (a CDN) fails here as it would offline.
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(options=options, service=Service(chromedriver))

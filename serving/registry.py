@@ -10,6 +10,19 @@ DEFAULT_TASKS = "classification.task:ImageClassification"
 _RESERVED = frozenset({"jobs", "health", "metadata", "metrics", "docs", "redoc", "openapi"})
 
 
+def _tasks_in(module: object) -> str:
+    """The Task subclasses a module defines, as a TASKS entry would name them."""
+    names = [
+        f"{value.__module__}:{name}"
+        for name, value in vars(module).items()
+        if isinstance(value, type)
+        and issubclass(value, Task)
+        and value is not Task
+        and value.__module__ == getattr(module, "__name__", None)
+    ]
+    return ", ".join(sorted(names))
+
+
 def load_tasks(spec: str) -> list[Task[object, object]]:
     """One instance of each class in ``spec`` (``package.module:Class``, comma-separated).
 
@@ -30,7 +43,10 @@ def load_tasks(spec: str) -> list[Task[object, object]]:
             raise ValueError(f"TASKS entry {entry!r}: cannot import {module_name}: {exc}") from exc
         task_class = getattr(module, class_name, None)
         if task_class is None:
-            raise ValueError(f"TASKS entry {entry!r}: {module_name} has no {class_name}")
+            raise ValueError(
+                f"TASKS entry {entry!r}: {module_name} has no {class_name};"
+                f" its tasks are {_tasks_in(module) or 'none'}"
+            )
         check_task(task_class, entry)
         name = task_class.name
         if name in _RESERVED:

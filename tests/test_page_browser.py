@@ -2,7 +2,9 @@
 chromium-driver, which `make services` installs) against the real server and model.
 Each state of the page is saved as a screenshot under the test's temporary directory."""
 
+import json
 import re
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from harness.browser import headless_chromium
-from harness.server import Server
+from harness.server import Server, running_server
 from main import create_app
 from settings import Settings
 from tests.services import require
@@ -43,12 +45,17 @@ def page(browser: WebDriver, server: Server) -> Iterator[WebDriver]:
     until(browser, lambda: text(browser, "s-ready") == "Ready")
     browser.get_log("browser")  # start each test with an empty console
     yield browser
-    problems = [
+    assert console_problems(browser) == []
+
+
+def console_problems(driver: WebDriver) -> list[str]:
+    """Script errors and CSP violations logged since the last call (a missing favicon is
+    not one)."""
+    return [
         entry["message"]
-        for entry in browser.get_log("browser")
+        for entry in driver.get_log("browser")
         if entry["level"] == "SEVERE" and "Failed to load resource" not in entry["message"]
     ]
-    assert problems == []  # script errors, CSP violations
 
 
 def until(driver: WebDriver, condition: Callable[[], object], seconds: float = 60) -> None:
@@ -175,6 +182,38 @@ def test_the_status_panel_shows_the_server(page: WebDriver, server: Server) -> N
     assert text(page, "s-device") == metadata["model"]["device"]
     assert text(page, "s-batch").startswith(f"up to {metadata['batching']['max_batch_size']}")
     assert re.fullmatch(r"\d+ waiting", text(page, "s-queue"))
+
+
+def test_with_another_task_the_page_shows_the_tasks_served(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    with running_server({"TASKS": "examples.sentiment:Sentiment"}, tmp_path / "log") as other:
+        browser.get(other.url + "/")
+        until(browser, lambda: text(browser, "s-ready") == "Ready")
+        until(browser, lambda: "POST /sentiment/jobs" in text(browser, "tasks"))
+        assert not browser.find_element(By.ID, "try").is_displayed()
+        assert not browser.find_element(By.ID, "many-images").is_displayed()
+        assert text(browser, "title") == "Inference server"
+        command = browser.find_element(By.CSS_SELECTOR, "#tasks pre code").text
+        assert command.startswith(f"curl -s {other.url}/sentiment ")
+        answer = subprocess.run(["bash", "-c", command], capture_output=True, timeout=30)
+        assert json.loads(answer.stdout)["label"] == "neutral"  # "..." holds no word
+        assert console_problems(browser) == []
+
+
+def test_the_api_docs_render_with_no_network(browser: WebDriver, server: Server) -> None:
+    browser.get(server.url + "/docs")
+    browser_text = "return document.body.innerText"
+    until(browser, lambda: "/cls/jobs" in str(browser.execute_script(browser_text)))
+    fetched = browser.execute_script(
+        "return performance.getEntriesByType('resource').map((entry) => entry.name)"
+    )
+    assert fetched, "the page loaded nothing"
+    assert [url for url in fetched if not url.startswith(server.url)] == []
+    severe = [
+        entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"
+    ]
+    assert severe == []  # script errors, CSP violations, failed loads
 
 
 def test_the_page_works_from_the_keyboard_and_at_375_px(page: WebDriver, tmp_path: Path) -> None:

@@ -39,6 +39,18 @@ def test_invalid_value_names_the_variable_and_value(
         load_settings()
 
 
+def test_a_field_of_several_types_fails_in_one_plain_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_BATCH_SIZE", "abc")
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert message.startswith("invalid configuration: MAX_BATCH_SIZE='abc': ")
+    assert "valid integer" in message
+    assert "'auto'" in message
+    assert "INT" not in message
+    assert "LITERAL" not in message
+
+
 @pytest.mark.parametrize(
     ("cores", "workers", "device", "expected"),
     [(2, 1, "cpu", 1), (16, 1, "cpu", 8), (16, 2, "cpu", 4), (1, 1, "cpu", 1), (16, 2, "cuda", 8)],

@@ -1,5 +1,6 @@
 // The page's script. It is a client of the server's public API and nothing else:
-// POST /cls, POST /cls/jobs, the job's event stream, POST /jobs/{id}/cancel and GET /metadata.
+// POST /cls, POST /cls/jobs, the job's event stream, POST /jobs/{id}/cancel, GET /metadata
+// and GET /openapi.json. Without /cls among the tasks served, it shows the tasks instead.
 // No framework and nothing fetched from elsewhere; it runs offline like the server.
 "use strict";
 
@@ -270,15 +271,83 @@ function setUpMany() {
   $("cancel").addEventListener("click", cancelJob);
 }
 
+// ---- The tasks served: routes and an example request, from /openapi.json ----------------
+
+// A value of the schema's type, to show the shape of a JSON body.
+function exampleValue(schema) {
+  switch (schema?.type) {
+    case "string": return "...";
+    case "integer": case "number": return 0;
+    case "boolean": return false;
+    case "array": return [];
+    case "object": return Object.fromEntries(
+      Object.entries(schema.properties ?? {}).map(([key, value]) => [key, exampleValue(value)]));
+    default: return null;
+  }
+}
+
+function exampleCommand(name, operation) {
+  const url = `${location.origin}/${name}`;
+  const json = operation?.requestBody?.content?.["application/json"]?.schema;
+  if (json?.properties) {
+    const body = JSON.stringify(exampleValue(json));
+    return `curl -s ${url} -H 'content-type: application/json' -d '${body}'`;
+  }
+  return `curl -s ${url} -F file=@input`;
+}
+
+async function showTasks(names) {
+  let paths = {};
+  try {
+    const response = await fetch("/openapi.json");
+    if (response.ok) paths = (await response.json()).paths ?? {};
+  } catch {
+    // The routes alone will have to do.
+  }
+  $("tasks").replaceChildren(...names.map((name) => {
+    const operation = paths[`/${name}`]?.post;
+    const block = element("div", "task");
+    block.append(element("h3", "", name));
+    const about = (operation?.description ?? "").split("\n\n")[0];
+    if (about) block.append(element("p", "", about));
+    block.append(element("p", "note", `POST /${name}, POST /${name}/jobs`));
+    const code = element("pre");
+    code.append(element("code", "", exampleCommand(name, operation)));
+    block.append(code);
+    return block;
+  }));
+}
+
+// The first /metadata says which tasks are served; a page without its own task's routes
+// hides its forms rather than call routes that answer 404.
+let tasksShown = false;
+
+function showTasksOnce(metadata) {
+  if (tasksShown) return;
+  tasksShown = true;
+  const names = Object.keys(metadata.tasks ?? {});
+  if (!names.includes(TASK)) {
+    $("try").hidden = true;
+    $("many-images").hidden = true;
+    $("title").textContent = "Inference server";
+    document.title = "Inference server";
+    const docs = element("a", "", "API documentation");
+    docs.href = "/docs";
+    $("about").replaceChildren("The tasks this server runs, and its status. ", docs);
+  }
+  showTasks(names);
+}
+
 // ---- Status, from /metadata every few seconds ------------------------------------------
 
 function showStatus(metadata) {
+  showTasksOnce(metadata);
   const task = metadata.tasks?.[TASK] ?? metadata;
   $("s-ready").textContent = task.ready ? "Ready" : "Not ready: warming up or stopping";
   $("s-ready").className = task.ready ? "ok" : "bad";
-  $("s-model").textContent = task.model.name;
-  $("s-backend").textContent = task.model.backend;
-  $("s-device").textContent = task.model.device;
+  $("s-model").textContent = task.model?.name ?? "—";
+  $("s-backend").textContent = task.model?.backend ?? "—";
+  $("s-device").textContent = task.model?.device ?? "—";
   const setting = task.batching.max_batch_size_setting;
   const chosen = setting === "auto" ? " (chosen at warm-up)" : "";
   $("s-batch").textContent = `up to ${task.batching.max_batch_size}${chosen}`;

@@ -5,6 +5,7 @@ from memory, so a request's path is only ever a key into that table."""
 import hashlib
 import mimetypes
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,50 +33,61 @@ class PageFile:
     etag: str
 
 
+def read_files(folder: Path, names: Iterable[str], what: str) -> dict[str, PageFile]:
+    """The files ``names`` of ``folder`` (those there), read once into memory. Raises
+    ValueError naming ``what`` when they hold more than MAX_PAGE_BYTES."""
+    files: dict[str, PageFile] = {}
+    total = 0
+    for name in sorted(names):
+        path = folder / name
+        if not path.is_file() or not _NAME.fullmatch(name):
+            continue
+        body = path.read_bytes()
+        total += len(body)
+        if total > MAX_PAGE_BYTES:
+            raise ValueError(
+                f"{what}={str(folder)!r} holds over {MAX_PAGE_BYTES // 2**20} MiB:"
+                " it should hold one page's files"
+            )
+        media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if media_type.startswith("text/") or media_type == "application/javascript":
+            media_type += "; charset=utf-8"
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        files[name] = PageFile(body, media_type, etag)
+    return files
+
+
 def read_page(folder: Path | None) -> dict[str, PageFile]:
     """The page's files by name. Raises ValueError naming WEB_DIR when the folder has no
     index.html or holds more than a page should."""
     folder = folder or SHIPPED
     if not (folder / "index.html").is_file():
         raise ValueError(f"WEB_DIR={str(folder)!r} has no index.html: point it at a page's folder")
-    files: dict[str, PageFile] = {}
-    total = 0
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or not _NAME.fullmatch(path.name):
-            continue
-        body = path.read_bytes()
-        total += len(body)
-        if total > MAX_PAGE_BYTES:
-            raise ValueError(
-                f"WEB_DIR={str(folder)!r} holds over {MAX_PAGE_BYTES // 2**20} MiB:"
-                " it should hold one page's files"
-            )
-        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        if media_type.startswith("text/") or media_type == "application/javascript":
-            media_type += "; charset=utf-8"
-        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-        files[path.name] = PageFile(body, media_type, etag)
-    return files
+    return read_files(folder, (path.name for path in folder.iterdir()), "WEB_DIR")
+
+
+def serve_file(
+    files: dict[str, PageFile], name: str, request: Request, headers: dict[str, str]
+) -> Response:
+    """One of ``files``, or 304 when the client holds it already; 404 for another name."""
+    file = files.get(name)
+    if file is None:
+        raise HTTPException(404, f"no file {name!r} here; the page is at /, the API's at /docs")
+    headers = {**headers, "ETag": file.etag}
+    if request.headers.get("if-none-match") == file.etag:
+        return Response(status_code=304, headers=headers)
+    return Response(file.body, media_type=file.media_type, headers=headers)
 
 
 def page_router(files: dict[str, PageFile]) -> APIRouter:
     router = APIRouter(include_in_schema=False)
 
-    def serve(name: str, request: Request) -> Response:
-        file = files.get(name)
-        if file is None:
-            raise HTTPException(404, f"no file {name!r} in the page; the page is at /")
-        headers = {**HEADERS, "ETag": file.etag}
-        if request.headers.get("if-none-match") == file.etag:
-            return Response(status_code=304, headers=headers)
-        return Response(file.body, media_type=file.media_type, headers=headers)
-
     @router.get("/")
     async def page(request: Request) -> Response:
-        return serve("index.html", request)
+        return serve_file(files, "index.html", request, HEADERS)
 
     @router.get("/web/{name}")
     async def page_file(name: str, request: Request) -> Response:
-        return serve(name, request)
+        return serve_file(files, name, request, HEADERS)
 
     return router
