@@ -73,16 +73,22 @@ class PixelBudget:
 budget = PixelBudget(80_000_000)
 
 
+_sizing = threading.Lock()
+
+
 def size_budget(pixels: int) -> None:
-    """Gives the process a decode budget of ``pixels``; before any decode starts."""
+    """Gives the process a decode budget of ``pixels``. Every image task of a process
+    reads the same MAX_DECODE_PIXELS, so after the first call this changes nothing."""
     global budget
-    if budget.total != pixels:
-        budget = PixelBudget(pixels)
+    with _sizing:
+        if budget.total != pixels:
+            budget = PixelBudget(pixels)
 
 
-def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int, min_side: int | None) -> Image.Image:
     """Decodes an upload into an RGB image whose shorter side is at least ``min_side``
-    (or the original size, if smaller), with EXIF orientation applied.
+    (or the original size, if smaller; None: the original size), with EXIF orientation
+    applied.
 
     Large JPEGs are decoded at a reduced DCT scale that still covers ``min_side``.
     Raises BadImage, UnsupportedImage or ImageTooLarge with a message for the caller.
@@ -107,7 +113,7 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> Image.Image:
     if width < 1 or height < 1:
         raise BadImage(f"image has no pixels ({width}x{height})")
     try:
-        if image.format in ("JPEG", "MPO"):
+        if min_side and image.format in ("JPEG", "MPO"):
             image.draft(None, (min_side, min_side))  # sets the size it will decode at
         with budget.hold(image.width * image.height):
             image.load()
@@ -123,7 +129,7 @@ def _claimed_format(data: bytes) -> str | None:
     return next((fmt for magic, fmt in _SIGNATURES.items() if data.startswith(magic)), None)
 
 
-def _to_rgb(image: Image.Image, min_side: int) -> Image.Image:
+def _to_rgb(image: Image.Image, min_side: int | None) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
@@ -139,13 +145,15 @@ def _to_rgb(image: Image.Image, min_side: int) -> Image.Image:
 Convert = Callable[[Image.Image], Image.Image]
 
 
-def _by_strips(image: Image.Image, min_side: int, prepare: Convert, finish: Convert) -> Image.Image:
+def _by_strips(
+    image: Image.Image, min_side: int | None, prepare: Convert, finish: Convert
+) -> Image.Image:
     """The image in RGB, converted a strip of rows at a time: ``prepare`` turns a strip
     into a mode that can be averaged, it is reduced by the largest whole factor that
     keeps the shorter side at least ``min_side``, and ``finish`` makes it RGB. Memory
     beyond the decoded image is a strip's worth, plus the (reduced) result."""
     width, height = image.size
-    factor = max(1, min(width, height) // min_side)
+    factor = max(1, min(width, height) // min_side) if min_side else 1
     rows = max(factor, _STRIP_ROWS // factor * factor)  # whole reduction boxes per strip
     result = Image.new("RGB", (-(-width // factor), -(-height // factor)))
     for top in range(0, height, rows):

@@ -8,7 +8,18 @@ from pydantic import Field
 from serving.task import TaskSettings
 
 
-class ImageSettings(TaskSettings):
+class ImageInputSettings(TaskSettings):
+    """What any image task reads to decode its inputs (``classification.images``)."""
+
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest image, width x height.")
+    max_decode_pixels: int = Field(
+        80_000_000,
+        ge=1,
+        description="Pixels that a worker's decodes may hold at once; the rest wait.",
+    )
+
+
+class ImageSettings(ImageInputSettings):
     """What ``/cls`` and ``/embed`` read. Each field is the environment variable of the
     same name."""
 
@@ -34,12 +45,6 @@ class ImageSettings(TaskSettings):
     )
     calibration_dir: Path | None = Field(
         None, description="Images to calibrate int8 on, for a model other than the default."
-    )
-    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest image, width x height.")
-    max_decode_pixels: int = Field(
-        80_000_000,
-        ge=1,
-        description="Pixels that a worker's decodes may hold at once; the rest wait.",
     )
 
 

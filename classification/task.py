@@ -1,7 +1,5 @@
 """The image tasks: ``POST /cls`` (classification) and ``POST /embed`` (embeddings)."""
 
-import base64
-import binascii
 from typing import Any, ClassVar
 
 import numpy as np
@@ -10,40 +8,11 @@ from pydantic import BaseModel, Field
 from classification import decode
 from classification.classifier import Classifier, ClassifyInput, ClassScore
 from classification.embedding import Embedder
-from classification.errors import BadImage
 from classification.image_model import ImageModel
+from classification.images import IMAGE_JSON_SCHEMA, image_bytes, image_text
 from classification.models import LoadedModel, load_model
 from classification.settings import ClassificationSettings, ImageSettings
-from serving.task import InputError, LoadContext, Payload, Task, TaskSettings
-
-HOW_TO_SEND = (
-    "send multipart/form-data with a 'file' field (curl -F file=@cat.jpg) "
-    'or application/json {"image": "<base64>"}'
-)
-
-
-def image_text(value: Any) -> str:
-    """The base64 text of a JSON image: ``{"image": "<base64>"}`` or the string itself."""
-    text = value.get("image") if isinstance(value, dict) else value
-    if not isinstance(text, str):
-        raise InputError(f"JSON field 'image' (a base64 string) is missing: {HOW_TO_SEND}", 422)
-    return text
-
-
-def image_bytes(payload: Payload) -> bytes:
-    """The image of a request: an uploaded file, ``{"image": "<base64>"}``, or (as a job's
-    JSON item) the base64 string itself, optionally as a ``data:`` URI."""
-    if isinstance(payload, bytes):
-        return payload
-    text = image_text(payload)
-    if text.startswith("data:"):
-        header, comma, text = text.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise BadImage("a data: URI must look like data:image/jpeg;base64,<data>")
-    try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise BadImage("field 'image' is not valid base64") from None
+from serving.task import LoadContext, Payload, Task, TaskSettings
 
 
 def image_model_options(settings: ImageSettings, context: LoadContext) -> dict[str, Any]:
@@ -68,17 +37,7 @@ class ImageTask:
 
     Settings: ClassVar[type[TaskSettings]] = ImageSettings
     jobs_field: ClassVar[str] = "images"
-    json_schema: ClassVar[dict[str, Any]] = {
-        "type": "object",
-        "required": ["image"],
-        "properties": {
-            "image": {
-                "type": "string",
-                "contentEncoding": "base64",
-                "description": "The image file, base64-encoded (a data: URI works too)",
-            }
-        },
-    }
+    json_schema: ClassVar[dict[str, Any] | None] = IMAGE_JSON_SCHEMA
     settings: ImageSettings
     model: ImageModel
     max_pixels: int

@@ -53,7 +53,7 @@ class Sentiment(Task[Text, tuple[float, int]]):
     name = "sentiment"
     Response = SentimentResult
     jobs_field = "texts"
-    json_schema: ClassVar[dict[str, Any]] = {
+    json_schema: ClassVar[dict[str, Any] | None] = {
         "type": "object",
         "required": ["text"],
         "properties": {"text": {"type": "string"}},

@@ -68,11 +68,11 @@ class Task(Generic[Item, Result]):
 
     Optional: ``Settings``, a ``TaskSettings`` subclass of the task's own environment
     variables (read at startup, a bad value stops it, ``self.settings`` in the task);
-    ``Options``, a pydantic model of the request's query parameters (validated,
-    422 on a bad value, passed to ``decode`` and ``encode``); ``Response``, the pydantic
-    model of ``encode``'s answer, for the OpenAPI schema; ``jobs_field``, the JSON key
-    that holds a job's items; ``check_item``, ``light_model``, ``example``, ``warm_up`` and
-    ``describe``.
+    ``Options``, a pydantic model of the request's query parameters (validated, 422 on
+    a bad value, passed to ``decode`` and ``encode``); ``Response``, the pydantic model
+    of ``encode``'s answer, and ``json_schema``, the JSON Schema of one JSON input, for
+    the OpenAPI schema; ``jobs_field``, the JSON key that holds a job's items;
+    ``check_item``, ``light_model``, ``example``, ``warm_up`` and ``describe``.
     """
 
     name: ClassVar[str]
@@ -80,6 +80,7 @@ class Task(Generic[Item, Result]):
     Options: ClassVar[type[BaseModel]] = NoOptions
     Response: ClassVar[type[BaseModel] | None] = None
     jobs_field: ClassVar[str] = "inputs"
+    json_schema: ClassVar[dict[str, Any] | None] = None
 
     @cached_property
     def settings(self) -> Any:

@@ -196,3 +196,27 @@ async def serve(app: Spy, **options: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await serving
+
+
+def console_commands(markdown: Path, heading: str) -> list[tuple[str, list[str]]]:
+    """The ``$ `` commands of the console blocks under ``heading`` (a line of
+    ``markdown``, up to the next heading; blocks indented in a list too), each with its
+    continuation lines joined and the output lines shown under it."""
+    lines = markdown.read_text().splitlines()
+    start = lines.index(heading) + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("#")), len(lines))
+    commands: list[tuple[str, list[str]]] = []
+    in_console = continued = False
+    for line in (raw.strip() for raw in lines[start:end]):
+        if line.startswith("```"):
+            in_console = line == "```console"
+            continued = False
+        elif in_console and (line.startswith("$ ") or continued):
+            if continued:
+                commands[-1] = (commands[-1][0] + "\n" + line, [])
+            else:
+                commands.append((line.removeprefix("$ "), []))
+            continued = line.endswith("\\")
+        elif in_console and commands:
+            commands[-1][1].append(line)
+    return commands

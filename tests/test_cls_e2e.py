@@ -2,33 +2,41 @@
 
 import asyncio
 import base64
+import io
 import json
 import random
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from api.limits import DISCARD_IDLE_SECONDS
 from classification.building import INT8_MIN_SPEEDUP
 from classification.quantize import int8_recipe
 from harness.server import Server
 from settings import Settings
+from tests.helpers import console_commands
 from tests.images import (
     CAT_IDS,
     PHOTOS,
     TOP1,
     convertible_variants,
+    encode,
     photo_bytes,
     png_claiming,
     truncated_jpeg,
 )
 
 pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def post_file(
@@ -71,6 +79,35 @@ def test_base64_json_with_and_without_data_uri(server: Server) -> None:
         response = httpx.post(f"{server.url}/cls", json={"image": image}, timeout=30)
         assert response.status_code == 200, response.text
         assert response.json()["prediction"]["label"] == "espresso"
+
+
+def test_the_readme_base64_command_works_for_a_photo_of_any_size(
+    server: Server, tmp_path: Path
+) -> None:
+    image = Image.open(io.BytesIO(photo_bytes("coffee")))
+    big = tmp_path / "coffee.jpg"
+    big.write_bytes(encode(image.resize((image.width * 2, image.height * 2)), "JPEG", quality=95))
+    assert big.stat().st_size > 200_000  # twice what a command line holds
+    commands = console_commands(ROOT / "README.md", "## Quick start")
+    [command] = [command for command, _ in commands if command.startswith("(printf")]
+    command = command.replace("tests/data/coffee.jpg", str(big))
+    command = command.replace("localhost:5001", server.url)
+    answer = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout)["prediction"]["label"] == "espresso"
+
+
+def test_the_readme_shows_batching_at_work(server: Server) -> None:
+    commands = console_commands(ROOT / "README.md", "## How batching works")
+    assert len(commands) == 3
+    outputs = []
+    for command, _ in commands:
+        command = command.replace("localhost:5001", server.url)
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (command, done.stderr)
+        outputs.append(done.stdout)
+    histogram = json.loads(outputs[-1].replace("'", '"'))
+    assert any(int(size) > 1 for size in histogram), histogram
 
 
 @pytest.mark.anyio

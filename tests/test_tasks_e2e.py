@@ -1,18 +1,24 @@
 """A task defined only in this module, served by a real server process through TASKS=,
 beside the image tasks; and what TASKS refuses at startup."""
 
+import ast
 import asyncio
+import json
+import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import onnxruntime
 import pytest
 
 from harness.server import Server, launch, running_server, stop
 from serving import LoadContext, Task
 from serving.registry import load_tasks
-from tests.helpers import metric, poll_until_finished, read_events
+from tests.helpers import console_commands, metric, poll_until_finished, read_events
 from tests.images import TOP1, photo_bytes
 from tests.tasks import UNLUCKY, Square
 
@@ -35,6 +41,7 @@ class ClashesWithCls(Square):
 
 
 HERE = "tests.test_tasks_e2e"
+ROOT = Path(__file__).resolve().parent.parent
 TASKS = "classification.task:ImageClassification,tests.tasks:Square"
 
 
@@ -70,6 +77,13 @@ def test_options_input_errors_and_the_other_task(server: Server) -> None:
     assert httpx.post(f"{url}/square", json={"x": 10**7}).status_code == 413
     # A file part arrives as bytes, which this task does not take.
     assert httpx.post(f"{url}/square", files={"file": ("x", b"3")}).status_code == 422
+    # Advice on sending names no image.
+    broken = httpx.post(
+        f"{url}/square", content=b"{x", headers={"content-type": "application/json"}
+    )
+    assert broken.status_code == 400
+    assert "/docs shows what each route takes" in broken.json()["detail"]
+    assert "cat.jpg" not in broken.json()["detail"]
     cat = httpx.post(f"{url}/cls", files={"file": ("cat.jpg", photo_bytes("chelsea"))})
     assert cat.json()["prediction"]["label"] in TOP1["chelsea"]
 
@@ -134,7 +148,8 @@ def test_metrics_metadata_and_openapi_carry_the_task(server: Server) -> None:
         (f"{HERE}:Incomplete", "does not implement decode, predict_batch, encode"),
         ("tests.tasks:Square,tests.tasks:Square", "names 'square' twice"),
         (f"classification.task:ImageClassification,{HERE}:ClashesWithCls", "twice"),
-        (f"{HERE}:Nowhere", "has no Nowhere"),
+        (f"{HERE}:Nowhere", "has no Nowhere; its tasks are tests.test_tasks_e2e:ClashesWithCls,"),
+        ("tests.tasks:Sqare", "has no Sqare; its tasks are tests.tasks:FailingWarmUp,"),
         ("no_such_package.module:Task", "cannot import no_such_package.module"),
         ("classification.task", "must look like package.module:Class"),
     ],
@@ -155,6 +170,36 @@ def test_a_bad_tasks_setting_stops_startup_with_its_message(tmp_path: Path) -> N
     assert "does not implement" in server.output()
 
 
+class RefusesToLoad(Square):
+    name = "refuses"
+
+    def load(self, context: LoadContext) -> None:
+        raise ValueError("MODEL_PATH=/nowhere/model.onnx does not exist: set MODEL_PATH")
+
+
+def test_a_task_that_cannot_load_says_why_in_one_line(tmp_path: Path) -> None:
+    server = launch({"TASKS": f"{HERE}:RefusesToLoad"}, tmp_path / "refuses.log")
+    try:
+        assert server.process.wait(timeout=60) == 3  # uvicorn's startup failure
+    finally:
+        stop(server)
+    output = server.output()
+    assert "cannot start: MODEL_PATH=/nowhere/model.onnx does not exist" in output
+    assert "Traceback" not in output
+
+
+def test_the_ready_line_comes_when_the_server_serves(tmp_path: Path) -> None:
+    """The quick start says to wait for the line that begins "Ready:"."""
+    with running_server({"TASKS": "tests.tasks:Square"}, tmp_path / "ready.log") as server:
+        # running_server waits for /health/ready; the line is logged before it turns ready.
+        lines = server.output().splitlines()
+        [ready] = [line for line in lines if "Ready: " in line]
+        assert f"Ready: {server.url}/ serves POST /square" in ready
+        startup = next(i for i, line in enumerate(lines) if "Application startup complete" in line)
+        assert startup < lines.index(ready)
+        assert httpx.post(f"{server.url}/square", json={"x": 3}).json() == {"square": 9}
+
+
 def test_the_example_walkthrough(tmp_path: Path) -> None:
     """The commands of examples/README.md, run as written there."""
     env = {"TASKS": "examples.sentiment:Sentiment"}
@@ -173,3 +218,53 @@ def test_the_example_walkthrough(tmp_path: Path) -> None:
         final = poll_until_finished(server, job["job_id"])[-1]
         labels = [result["label"] for result in final["results"]]
         assert labels == ["positive", "negative", "negative", "neutral"]
+
+
+def test_the_image_example_walkthrough(tmp_path: Path) -> None:
+    """The commands of examples/README.md's image task, run as written there."""
+    walkthrough = ROOT / "examples" / "README.md"
+    commands = console_commands(walkthrough, "## 5. Serve it, call it, see it batch")
+    env = {"TASKS": "examples.brightness:Brightness", "DARK_BELOW": "0.3"}
+    with running_server(env, tmp_path / "brightness.log") as server:
+        outputs = []
+        for command, shown in commands:
+            command = command.replace("localhost:5001", server.url)
+            done = subprocess.run(
+                ["bash", "-c", command], capture_output=True, text=True, timeout=60, cwd=ROOT
+            )
+            assert done.returncode == 0, (command, done.stderr)
+            outputs.append(done.stdout)
+            if shown and "..." not in shown[0]:
+                assert json.loads(done.stdout) == json.loads(shown[0]), command
+        histogram = ast.literal_eval(outputs[3])
+        # Batches by size: one image, then 32 at once, and no more before the job.
+        assert sum(int(size) * count for size, count in histogram.items()) == 33
+        job = json.loads(outputs[4])
+        final = poll_until_finished(server, job["job_id"])[-1]
+        assert [len(result["grid"]) for result in final["results"]] == [2, 2]
+        settings = httpx.get(f"{server.url}/metadata").json()["tasks"]["brightness"]["settings"]
+        assert settings["dark_below"] == 0.3
+    # A bad value of the task's setting stops startup with the message the walkthrough shows.
+    text = walkthrough.read_text()
+    message = re.search(r"`(invalid configuration for task 'brightness': [^`]*)`", text)
+    assert message, "the walkthrough shows the message of a bad DARK_BELOW"
+    server = launch({**env, "DARK_BELOW": "2"}, tmp_path / "bad.log")
+    try:
+        assert server.process.wait(timeout=60) != 0
+    finally:
+        stop(server)
+    assert message.group(1) in server.output()
+
+
+def test_the_onnx_export_runs_as_written(tmp_path: Path) -> None:
+    """examples/README.md's export, as written there, in a fresh interpreter."""
+    text = (ROOT / "examples" / "README.md").read_text()
+    section = text.split("# Your own model as an ONNX file", 1)[1]
+    export = section.split("```python\n", 1)[1].split("```", 1)[0]
+    done = subprocess.run(
+        [sys.executable, "-c", export], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    [logits] = session.run(None, {"images": np.zeros((3, 3, 224, 224), dtype=np.float32)})
+    assert logits.shape == (3, 1000)

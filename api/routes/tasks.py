@@ -49,19 +49,21 @@ _FILE = {"type": "string", "format": "binary"}
 
 
 def _request_body(task: Task[Any, Any]) -> dict[str, Any]:
-    json_schema = getattr(task, "json_schema", {"description": "The task's JSON input"})
+    json_schema = task.json_schema or {"description": "The task's JSON input"}
     return _body("file", _FILE, json_schema)
 
 
 def _fields(task: Task[Any, Any]) -> str:
-    properties = getattr(task, "json_schema", {}).get("properties", {})
+    properties = (task.json_schema or {}).get("properties", {})
     return ", ".join(f"{name} ({spec.get('type', 'any')})" for name, spec in properties.items())
 
 
 def _jobs_request_body(task: Task[Any, Any]) -> dict[str, Any]:
     # Any JSON value is taken: one that the task cannot use becomes that item's error in
     # the job's results, not the refusal of the whole job.
-    item = {"description": f"One input, as the task's JSON body holds it: {_fields(task)}"}
+    fields = _fields(task)
+    described = f" ({fields})" if fields else ""
+    item = {"description": f"One input, as the task's JSON body holds it{described}"}
     json_schema = {
         "type": "object",
         "required": [task.jobs_field],
@@ -93,9 +95,10 @@ def task_router(task: Task[Any, Any]) -> APIRouter:
     async def submit_job(
         request: Request,
         engine: EngineDep,
+        options: Annotated[Options, Query()],  # type: ignore[valid-type]
         idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     ) -> JSONResponse:
-        return await create_job(request, engine, name, idempotency_key)
+        return await create_job(request, engine, name, idempotency_key, options)
 
     doc = (task.__doc__ or "").strip()
     router.add_api_route(
@@ -118,9 +121,9 @@ def task_router(task: Task[Any, Any]) -> APIRouter:
         summary=f"{name}: a job of many inputs",
         description=(
             "Queues many inputs as one job: multipart `files` parts, or JSON"
-            f' `{{"{task.jobs_field}": [...]}}`. A retried submission with the same'
-            " `Idempotency-Key` returns the job it created. Poll, stream and cancel it under"
-            " /jobs/{id}."
+            f' `{{"{task.jobs_field}": [...]}}`. The options apply to every input. A retried'
+            " submission with the same `Idempotency-Key` returns the job it created. Poll,"
+            " stream and cancel it under /jobs/{id}."
         ),
     )
     return router
