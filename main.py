@@ -1,7 +1,6 @@
 """Assembles the app. ``main:app`` serves under uvicorn or gunicorn; ``python main.py``
 starts uvicorn on HOST:PORT."""
 
-import asyncio
 import logging
 import os
 import signal
@@ -81,11 +80,8 @@ def stop_this_process(reason: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-async def announce_ready(
-    engine: Engine, settings: Settings, routes: list[str], started: float
-) -> None:
-    """Logs the one line that says the server now serves, once every task is warm."""
-    await engine.warmed_up.wait()
+def announce_ready(settings: Settings, routes: list[str], started: float) -> None:
+    """Logs the one line that says the server serves, as every task turns warm."""
     host, _, port = settings.gunicorn_bind.rpartition(":")
     host = "127.0.0.1" if host in ("", "0.0.0.0", "[::]") else host
     url = f"http://{host}:{port}" if port.isdigit() else settings.gunicorn_bind
@@ -145,9 +141,14 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = Engine(settings, describe, stop_this_process if exit_on_failure else None)
-        app.state.engine = engine
         started = time.monotonic()
+        engine = Engine(
+            settings,
+            describe,
+            stop_this_process if exit_on_failure else None,
+            on_ready=lambda: announce_ready(settings, list(routes), started),
+        )
+        app.state.engine = engine
         try:
             try:
                 await engine.start(tasks)
@@ -155,12 +156,8 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
                 if isinstance(app, ServingApp):
                     app.cannot_start = str(exc)
                 raise
-            ready = asyncio.create_task(
-                announce_ready(engine, settings, list(routes), started), name="announce-ready"
-            )
             with unready_on_termination(engine):
                 yield
-            ready.cancel()
         finally:
             await engine.stop()
 

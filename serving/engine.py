@@ -71,11 +71,15 @@ class Engine:
         settings: Settings,
         describe_error: DescribeError,
         on_failure: Callable[[str], None] | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         """``describe_error`` turns a failed job item's exception into its error result.
         ``on_failure`` is called once if the engine can no longer serve (a failed warm-up,
-        a dead batcher): the process should then exit so that its supervisor restarts it."""
+        a dead batcher): the process should then exit so that its supervisor restarts it.
+        ``on_ready`` is called once every task is warm, just before the engine turns
+        ready."""
         self.settings = settings
+        self._on_ready = on_ready
         self.services: dict[str, TaskService] = {}
         self.stopping = asyncio.Event()
         self.warmed_up = asyncio.Event()  # every task
@@ -143,6 +147,8 @@ class Engine:
         await asyncio.to_thread(gc.collect)
         gc.freeze()
         gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
+        if self._on_ready is not None:
+            self._on_ready()
         self.warmed_up.set()
         if not self.jobs_disabled and not self.stopping.is_set():
             self.jobs.start()

@@ -191,7 +191,7 @@ def test_a_task_that_cannot_load_says_why_in_one_line(tmp_path: Path) -> None:
 def test_the_ready_line_comes_when_the_server_serves(tmp_path: Path) -> None:
     """The quick start says to wait for the line that begins "Ready:"."""
     with running_server({"TASKS": "tests.tasks:Square"}, tmp_path / "ready.log") as server:
-        # running_server waits for /health/ready; the line is logged before it turns ready.
+        # running_server waits for /health/ready; the line is logged as it turns ready.
         lines = server.output().splitlines()
         [ready] = [line for line in lines if "Ready: " in line]
         assert f"Ready: {server.url}/ serves POST /square" in ready
