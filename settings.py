@@ -14,6 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 S = TypeVar("S", bound=BaseSettings)
 
+FROM_ENVIRONMENT = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+"""How every settings class reads the environment: the server's and each task's."""
+
 
 class ConfigError(Exception):
     """An environment variable holds a value the server cannot run with."""
@@ -23,7 +26,7 @@ class Settings(BaseSettings):
     """The server's configuration, shared by every task. Each field is the environment
     variable of the same name."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    model_config = FROM_ENVIRONMENT
 
     host: str = Field("127.0.0.1", description="Interface `python main.py` binds to.")
     port: int = Field(5001, ge=1, le=65535, description="Port `python main.py` listens on.")

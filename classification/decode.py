@@ -80,6 +80,8 @@ def size_budget(pixels: int) -> None:
     """Gives the process a decode budget of ``pixels``. Every image task of a process
     reads the same MAX_DECODE_PIXELS, so after the first call this changes nothing."""
     global budget
+    if budget.total == pixels:  # every decode of a task using classification.images asks
+        return
     with _sizing:
         if budget.total != pixels:
             budget = PixelBudget(pixels)

@@ -40,19 +40,17 @@ class ImageTask:
     json_schema: ClassVar[dict[str, Any] | None] = IMAGE_JSON_SCHEMA
     settings: ImageSettings
     model: ImageModel
-    max_pixels: int
 
     def load_model(self, context: LoadContext) -> tuple[LoadedModel, dict[str, Any]]:
         """MODEL with WEIGHTS, and the ImageModel options the settings choose."""
         settings = self.settings
-        self.max_pixels = settings.max_image_pixels
         return load_model(settings.model, settings.weights), image_model_options(settings, context)
 
     def check_item(self, value: Any) -> None:
         image_text(value)
 
     def prepare(self, payload: Payload) -> np.ndarray:
-        return self.model.prepare(image_bytes(payload), max_pixels=self.max_pixels)
+        return self.model.prepare(image_bytes(payload), max_pixels=self.settings.max_image_pixels)
 
     def warm_up(self, max_batch_size: int, tune: bool) -> dict[str, Any]:
         return self.model.warmup(max_batch_size, tune=tune)

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
 from serving.warmup import tune_batch_size
-from settings import read_settings
+from settings import FROM_ENVIRONMENT, read_settings
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -56,7 +56,7 @@ class TaskSettings(BaseSettings):
     """Subclass this for a task's own settings: each field is an environment variable of
     the same name (case-insensitive), read and validated when the server starts."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    model_config = FROM_ENVIRONMENT
 
 
 class NoSettings(TaskSettings):
