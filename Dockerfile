@@ -1,6 +1,6 @@
 # GPU or CPU image of the micro-batching classification server.
 #   docker build -t microbatch .
-#   docker run --gpus all -p 5001:5001 microbatch
+#   docker run --gpus all -p 5001:5001 -p 5002:5002 microbatch   (HTTP, gRPC)
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -9,6 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOST=0.0.0.0 \
     PORT=5001 \
+    GRPC_PORT=5002 \
     MODEL_CACHE_DIR=/var/cache/microbatch \
     TORCH_HOME=/var/cache/microbatch/torch
 
@@ -27,6 +28,9 @@ COPY jobs/ jobs/
 COPY serving/ serving/
 COPY examples/ examples/
 COPY web/ web/
+COPY v2/ v2/
+# The gRPC messages, compiled from v2/proto/ now rather than on the first start.
+RUN python -m v2.stubs
 
 # A home of its own, and TORCH_HOME in the cache directory: a torchvision MODEL without
 # WEIGHTS downloads its weights there (libraries also write under ~/.cache).
@@ -34,7 +38,7 @@ RUN useradd --system --uid 10001 --create-home --home-dir /home/app app \
     && mkdir -p /var/cache/microbatch/torch && chown -R app /var/cache/microbatch
 USER app
 
-EXPOSE 5001
+EXPOSE 5001 5002
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5001/health/ready', timeout=2)"
 

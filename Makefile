@@ -22,6 +22,10 @@ $(VENV)/.runtime-installed: requirements.txt | $(PY)
 	$(PY) -m pip install --quiet --progress-bar on -r requirements.txt
 	touch $@
 
+# The gRPC messages, compiled from their .proto (an import would compile them too).
+v2/generated/inference_pb2.py: v2/proto/inference.proto $(VENV)/.runtime-installed
+	$(PY) -m v2.stubs
+
 $(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.runtime-installed
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
@@ -30,8 +34,8 @@ $(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.runtime-installed
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	touch $@
 
-install: $(VENV)/.runtime-installed
-install-dev: $(VENV)/.dev-installed
+install: $(VENV)/.runtime-installed v2/generated/inference_pb2.py
+install-dev: $(VENV)/.dev-installed v2/generated/inference_pb2.py
 
 run: install
 	$(PY) main.py

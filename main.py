@@ -27,6 +27,7 @@ from api.routes.tasks import task_router
 from serving import Engine
 from serving.registry import load_tasks
 from settings import ConfigError, Settings, get_settings
+from v2 import http as v2_http
 
 logger = logging.getLogger("server")
 
@@ -102,9 +103,14 @@ class ServingApp(FastAPI):
     ``cannot_start`` holds why a task could not load, for the one line that says so.
     """
 
-    def __init__(self, task_routes: dict[str, str], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        task_routes: dict[str, str],
+        protocol_paths: frozenset[str] = frozenset(),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
-        self.door = Door(self.state, task_routes)
+        self.door = Door(self.state, task_routes, protocol_paths)
         self._early = EarlyAdmission(super().__call__, self.door)
         self.cannot_start: str | None = None
 
@@ -149,22 +155,31 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
             on_ready=lambda: announce_ready(settings, list(routes), started),
         )
         app.state.engine = engine
+        grpc: Any = None
         try:
             try:
                 await engine.start(tasks)
-            except ValueError as exc:  # the task named what to fix
+                if settings.grpc_port:
+                    from v2 import grpc_server  # compiles its messages on first import
+
+                    grpc = await grpc_server.start(engine, settings)
+            except ValueError as exc:  # a task or the gRPC port named what to fix
                 if isinstance(app, ServingApp):
                     app.cannot_start = str(exc)
                 raise
             with unready_on_termination(engine):
                 yield
         finally:
+            if grpc is not None:
+                await grpc.stop(settings.connection_grace_s)
             await engine.stop()
 
     configure_logging(settings)
     routes = {f"/{task.name}": task.name for task in tasks}
+    protocol_routes = {path: task.name for task in tasks for path in v2_http.infer_paths(task.name)}
     app = ServingApp(
-        routes,
+        {**routes, **protocol_routes},
+        frozenset(protocol_routes),
         title=TITLE,
         summary="Concurrent callers share each model through an asyncio micro-batcher.",
         version="0.1.0",
@@ -185,7 +200,7 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
     install_error_handlers(app)
     for task in tasks:
         app.include_router(task_router(task))
-    for router in (jobs.router, health.router, metadata.router, metrics.router):
+    for router in (jobs.router, health.router, metadata.router, metrics.router, v2_http.router):
         app.include_router(router)
     app.include_router(page_router(page))
     app.include_router(docs_router(TITLE))

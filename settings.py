@@ -30,6 +30,12 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface `python main.py` binds to.")
     port: int = Field(5001, ge=1, le=65535, description="Port `python main.py` listens on.")
+    grpc_port: int = Field(
+        5002,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol over gRPC, beside HTTP; 0: no gRPC.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_file: Path | None = Field(None, description="Also append log lines to this file.")
 

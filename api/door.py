@@ -27,7 +27,7 @@ import logging
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import as_response, error_answer
+from api.errors import ErrorAnswer, as_response, error_answer
 from api.limits import refuse
 from api.metrics import REQUEST_SECONDS, REQUESTS
 from serving import Engine
@@ -45,11 +45,15 @@ SUMMARY_INTERVAL_S = 1.0
 class Door:
     """Judges each POST to a task route as it arrives. ``routes`` maps each such path to
     its task name; the engine is the one in ``state`` (the app's), once the lifespan has
-    started it."""
+    started it. A refusal's message is under "detail", or under "error" on the paths of
+    ``protocol_paths`` (the Open Inference Protocol's)."""
 
-    def __init__(self, state: State, routes: dict[str, str]) -> None:
+    def __init__(
+        self, state: State, routes: dict[str, str], protocol_paths: frozenset[str] = frozenset()
+    ) -> None:
         self.state = state
         self.routes = routes
+        self.protocol_paths = protocol_paths
         self._refusals = 0
         self._summary: asyncio.TimerHandle | None = None
         self._metrics = {
@@ -77,6 +81,10 @@ class Door:
             return refusal
         scope.setdefault("state", {})[ADMITTED] = Admitted(task, arrived_at)
         return None
+
+    def answer(self, path: str, refusal: Refusal) -> ErrorAnswer:
+        """The refusal's answer, as the route at ``path`` words its errors."""
+        return error_answer(refusal.error, "error" if path in self.protocol_paths else "detail")
 
     def _count(self, route: str, seconds: float) -> None:
         counter, latency = self._metrics[route]
@@ -127,7 +135,7 @@ class EarlyAdmission:
             return
         if key is not None:
             self._remember(key, loop.time() + refusal.hold_s)
-        await refuse(scope, receive, send, as_response(error_answer(refusal.error)))
+        await refuse(scope, receive, send, as_response(self.door.answer(scope["path"], refusal)))
 
     def _remember(self, key: tuple[str, int], until: float) -> None:
         refused = self._refused_until

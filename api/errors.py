@@ -14,6 +14,7 @@ from batching import BatcherClosed, DeadlineExceeded, QueueFull
 from jobs import IdempotencyConflict, StoreFull, StoreUnavailable
 from serving import InferenceFailed, InputError, NotReady
 from serving.admission import RETRY_AFTER_S
+from v2.core import ModelNotFound
 
 
 class BodyTooLarge(Exception):
@@ -31,6 +32,7 @@ class ClientDisconnected(Exception):
 # most specific class in the exception's MRO. An InputError carries its own status.
 _MAPPING: list[tuple[type[Exception], int, str]] = [
     (BodyTooLarge, 413, ""),
+    (ModelNotFound, 404, ""),
     (InputError, 400, ""),
     (IdempotencyConflict, 422, "; send a new Idempotency-Key for new items"),
     (QueueFull, 503, "; the server is at capacity, retry after the Retry-After seconds"),
@@ -58,18 +60,18 @@ class ErrorAnswer(NamedTuple):
 
     status: int
     headers: dict[str, str]  # besides Content-Type (JSON) and Content-Length
-    body: bytes  # {"detail": ...}
+    body: bytes  # {"detail": ...}, or {"error": ...} as the Open Inference Protocol says
 
 
-def error_answer(exc: Exception) -> ErrorAnswer:
-    """The JSON answer for ``exc``, with Retry-After on a 503."""
+def error_answer(exc: BaseException, key: str = "detail") -> ErrorAnswer:
+    """The JSON answer for ``exc``, with Retry-After on a 503; its message under ``key``."""
     described = describe(exc)
     status = int(described["status"])
     headers = {}
     if status == 503:
         headers["Retry-After"] = str(getattr(exc, "retry_after", RETRY_AFTER_S))
     # As Starlette's JSONResponse renders it.
-    body = json.dumps({"detail": described["detail"]}, ensure_ascii=False, separators=(",", ":"))
+    body = json.dumps({key: described["detail"]}, ensure_ascii=False, separators=(",", ":"))
     return ErrorAnswer(status, headers, body.encode())
 
 
@@ -77,8 +79,8 @@ def as_response(answer: ErrorAnswer) -> Response:
     return Response(answer.body, answer.status, answer.headers, media_type="application/json")
 
 
-def error_response(exc: Exception) -> Response:
-    return as_response(error_answer(exc))
+def error_response(exc: BaseException, key: str = "detail") -> Response:
+    return as_response(error_answer(exc, key))
 
 
 async def _handle(request: Request, exc: Exception) -> Response:

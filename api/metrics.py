@@ -25,6 +25,17 @@ REQUEST_SECONDS = Histogram(
     ["method", "route"],
     buckets=LATENCY_BUCKETS,
 )
+GRPC_REQUESTS = Counter(
+    "grpc_requests_total",
+    "gRPC calls by method and status code (each request of a stream counts once).",
+    ["method", "code"],
+)
+GRPC_SECONDS = Histogram(
+    "grpc_request_duration_seconds",
+    "gRPC call latency, message received to answer ready.",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
+)
 
 
 def render() -> tuple[bytes, str]:

@@ -39,7 +39,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from api.door import Door
-from api.errors import ErrorAnswer, error_answer
+from api.errors import ErrorAnswer
 from api.read_limits import CLOSED, OPEN, SWEEP_S, ReadLimits, Sweep
 from api.waiting import drop, parse_waiting, peek
 from serving.admission import Refusal
@@ -164,7 +164,7 @@ class AdmissionProtocol(HttpToolsProtocol):
             super()._start_asgi_task(cycle, app)
             return
         cycle.response_started = cycle.response_complete = True
-        self._refuse(refusal, cycle.keep_alive)
+        self._refuse(self.door.answer(scope_of(cycle)["path"], refusal), refusal, cycle.keep_alive)
         cycle.message_event.set()
         if not cycle.keep_alive:
             self.transport.close()
@@ -172,11 +172,11 @@ class AdmissionProtocol(HttpToolsProtocol):
             self._park_after = cycle  # once its body is read
         cycle.on_response()
 
-    def _refuse(self, refusal: Refusal, keep_alive: bool) -> None:
+    def _refuse(self, answer: ErrorAnswer, refusal: Refusal, keep_alive: bool) -> None:
         """Writes ``refusal``'s answer and starts this connection's hold (its
         Retry-After, at most MAX_HOLD_S)."""
         self._held_until = self.loop.time() + refusal.hold_s
-        self.transport.write(self._render(error_answer(refusal.error), keep_alive))
+        self.transport.write(self._render(answer, keep_alive))
 
     def _render(self, answer: ErrorAnswer, keep_alive: bool) -> bytes:
         """``answer`` as the bytes of a whole response, server headers included."""
@@ -337,7 +337,7 @@ class AdmissionProtocol(HttpToolsProtocol):
         refusal = self.door.judge(scope, arrived_at)
         if refusal is None:
             return None
-        self._refuse(refusal, keep_alive=not closing)
+        self._refuse(self.door.answer(scope["path"], refusal), refusal, keep_alive=not closing)
         return request.spans
 
     def data_received(self, data: bytes) -> None:

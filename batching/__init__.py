@@ -7,6 +7,7 @@ from batching.errors import (
     BatchSizeMismatch,
     DeadlineExceeded,
     QueueFull,
+    TooLate,
 )
 from batching.observer import BatcherObserver
 from batching.stats import BatcherStats, RunningMean
@@ -22,4 +23,5 @@ __all__ = [
     "MicroBatcher",
     "QueueFull",
     "RunningMean",
+    "TooLate",
 ]

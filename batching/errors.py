@@ -14,6 +14,10 @@ class QueueFull(BatcherError):
         self.retry_after = retry_after
 
 
+class TooLate(QueueFull):
+    """The backlog ahead is longer than the time left to the item's deadline."""
+
+
 class BatcherClosed(BatcherError):
     """The batcher is not accepting work: it has not started, or it is stopping."""
 

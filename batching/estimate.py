@@ -3,7 +3,7 @@ from the pace of recent batches."""
 
 import math
 
-from batching.errors import QueueFull
+from batching.errors import TooLate
 from batching.stats import Events, RunningMean
 
 # A wait is a sum of batch times. Each varies by about ``spread`` (their mean absolute
@@ -104,10 +104,10 @@ class WaitEstimate:
             return None
         return wait
 
-    def late(self, wait: float) -> QueueFull:
+    def late(self, wait: float) -> TooLate:
         """Counts a refusal as late; its Retry-After is when the backlog should be gone."""
         self.events.rejected("would_expire")
-        return QueueFull(
+        return TooLate(
             f"{self.name} is about {wait:.2f} s behind, past this deadline",
             retry_after=max(1, math.ceil(wait)),
         )

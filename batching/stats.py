@@ -1,6 +1,7 @@
 """Counters the batcher keeps for /metadata, and the one place that counts them."""
 
-from collections import Counter
+import time
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,18 @@ class BatcherStats:
     rejected_late: int = 0
     rejected_closed: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)
+    # Seconds in all: the items' waits in the queue, the batches' compute (once per
+    # batch, and once per item, as the Open Inference Protocol's statistics count it),
+    # and the compute by batch size.
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    item_compute_seconds: float = 0.0
+    compute_seconds_by_size: defaultdict[int, float] = field(
+        default_factory=lambda: defaultdict(float)
+    )
+    batches_done: int = 0
+    items_done: int = 0
+    last_done: float | None = None  # time.time() when the last batch ended
 
     def as_dict(self, queue_depth: int) -> dict[str, Any]:
         return {
@@ -92,4 +105,12 @@ class Events(BatcherObserver):
         self.observer.queue_depth(depth)
 
     def batch_done(self, queue_waits: Sequence[float], compute_seconds: float) -> None:
+        stats = self.stats
+        stats.batches_done += 1
+        stats.items_done += len(queue_waits)
+        stats.queue_seconds += sum(queue_waits)
+        stats.compute_seconds += compute_seconds
+        stats.item_compute_seconds += compute_seconds * len(queue_waits)
+        stats.compute_seconds_by_size[len(queue_waits)] += compute_seconds
+        stats.last_done = time.time()
         self.observer.batch_done(queue_waits, compute_seconds)

@@ -47,6 +47,8 @@ class Embedder(ImageModel):
     def __init__(self, model: LoadedModel, **options: Any) -> None:
         """Takes a classifier and the options of ``ImageModel``; ONNX Runtime must agree
         with PyTorch on the normalised vectors."""
+        parent, name = _last_linear(model.module)
+        self.dimensions: int = getattr(parent, name).in_features
         super().__init__(backbone(model), compare=normalize, **options)
 
     def int8_agreement(self, expected: torch.Tensor, actual: torch.Tensor) -> tuple[bool, str]:

@@ -13,6 +13,7 @@ from classification.images import IMAGE_JSON_SCHEMA, image_bytes, image_text
 from classification.models import LoadedModel, load_model
 from classification.settings import ClassificationSettings, ImageSettings
 from serving.task import LoadContext, Payload, Task, TaskSettings
+from serving.tensors import TensorForm, TensorSpec, text_tensor
 
 
 def image_model_options(settings: ImageSettings, context: LoadContext) -> dict[str, Any]:
@@ -64,6 +65,9 @@ class ImageTask:
     def describe(self) -> dict[str, Any]:
         return self.model.describe()
 
+    # Over the Open Inference Protocol, one encoded image (any format /cls takes) per row.
+    IMAGE_INPUT = TensorSpec("image", "BYTES", (-1, 1))
+
 
 class ClassPrediction(BaseModel):
     class_id: int
@@ -110,6 +114,28 @@ class ImageClassification(ImageTask, Task[ClassifyInput, list[ClassScore]]):
     def encode(self, result: list[ClassScore], options: ClassifyOptions) -> Classification:
         return Classification.from_scores(result)
 
+    def tensor_form(self) -> TensorForm:
+        return TensorForm(
+            inputs=(self.IMAGE_INPUT,),
+            outputs=(  # [rows, top_k], best first
+                TensorSpec("label", "BYTES", (-1, -1)),
+                TensorSpec("class_id", "INT64", (-1, -1)),
+                TensorSpec("score", "FP32", (-1, -1)),
+            ),
+        )
+
+    def tensor_outputs(
+        self, results: list[list[ClassScore]], options: ClassifyOptions
+    ) -> dict[str, np.ndarray]:
+        return {
+            "label": text_tensor([[s.label for s in scores] for scores in results]),
+            "class_id": np.array([[s.class_id for s in scores] for scores in results], np.int64),
+            "score": np.array([[s.score for s in scores] for scores in results], np.float32),
+        }
+
+    def classification(self, result: list[ClassScore], count: int) -> list[str]:
+        return [f"{s.score:f}:{s.class_id}:{s.label}" for s in result[:count]]
+
 
 class Embedding(BaseModel):
     embedding: list[float] = Field(description="L2-normalised: a dot product is the cosine")
@@ -135,3 +161,14 @@ class ImageEmbedding(ImageTask, Task[np.ndarray, list[float]]):
 
     def encode(self, result: list[float], options: BaseModel) -> Embedding:
         return Embedding(embedding=result, dimensions=len(result))
+
+    def tensor_form(self) -> TensorForm:
+        return TensorForm(
+            inputs=(self.IMAGE_INPUT,),
+            outputs=(TensorSpec("embedding", "FP32", (-1, self.embedder.dimensions)),),
+        )
+
+    def tensor_outputs(
+        self, results: list[list[float]], options: BaseModel
+    ) -> dict[str, np.ndarray]:
+        return {"embedding": np.array(results, dtype=np.float32)}

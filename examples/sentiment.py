@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
 from serving import InputError, LoadContext, NoOptions, Payload, Task
+from serving.tensors import TensorForm, TensorSpec, text_tensor
 
 # fmt: off
 POSITIVE = ("good", "great", "excellent", "wonderful", "lovely", "love", "loved", "like",
@@ -115,3 +117,24 @@ class Sentiment(Task[Text, tuple[float, int]]):
 
     def describe(self) -> dict[str, Any]:
         return {"name": "lexicon bag of words", "vocabulary": len(self.vocabulary)}
+
+    # Over the Open Inference Protocol: one UTF-8 text per row, as a file would carry it.
+    def tensor_form(self) -> TensorForm:
+        return TensorForm(
+            inputs=(TensorSpec("text", "BYTES", (-1, 1)),),
+            outputs=(
+                TensorSpec("label", "BYTES", (-1, 1)),
+                TensorSpec("score", "FP32", (-1, 1)),
+                TensorSpec("words", "INT64", (-1, 1)),
+            ),
+        )
+
+    def tensor_outputs(
+        self, results: list[tuple[float, int]], options: BaseModel
+    ) -> dict[str, np.ndarray]:
+        answers = [self.encode(result, options) for result in results]
+        return {
+            "label": text_tensor([[answer.label] for answer in answers]),
+            "score": np.array([[answer.score] for answer in answers], dtype=np.float32),
+            "words": np.array([[answer.words] for answer in answers], dtype=np.int64),
+        }

@@ -28,6 +28,7 @@ class Server:
     process: subprocess.Popen[bytes]
     url: str
     log: Path
+    grpc_target: str = ""  # host:port of its gRPC service, "" when off
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -69,6 +70,7 @@ def launch(
         "PYTHONUNBUFFERED": "1",
         "HOST": "127.0.0.1",
         "PORT": str(port),
+        "GRPC_PORT": str(free_port()),  # never the default: servers side by side
         **env,
     }
     full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -76,7 +78,9 @@ def launch(
         process = subprocess.Popen(
             command, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
         )
-    return Server(process, f"http://127.0.0.1:{port}", log)
+    grpc_port = full_env["GRPC_PORT"]
+    grpc_target = f"127.0.0.1:{grpc_port}" if grpc_port != "0" else ""
+    return Server(process, f"http://127.0.0.1:{port}", log, grpc_target)
 
 
 def stop(server: Server, timeout: float = 30) -> int:

@@ -64,6 +64,31 @@ class DecodePools:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+class Duration:
+    """How many times something happened, and its seconds in all."""
+
+    __slots__ = ("count", "seconds")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.seconds += seconds
+
+
+class RequestStats:
+    """Requests answered and failed, and the time spent decoding their inputs and encoding
+    their answers, for the Open Inference Protocol's statistics. On the event loop only."""
+
+    def __init__(self) -> None:
+        self.success = Duration()
+        self.fail = Duration()
+        self.decode = Duration()
+        self.encode = Duration()
+
+
 class TaskService:
     """Serves one loaded task: decodes in the shared pools, batches, answers by the
     deadline. Refuses up front what it could not answer in time."""
@@ -86,6 +111,8 @@ class TaskService:
         self._decoding_interactive = 0
         self._decode_seconds = RunningMean()
         self.decode_rejected_full = 0
+        self.requests = RequestStats()
+        self.tensor_form = task.tensor_form()
         self.batcher: MicroBatcher[Any, Any] = MicroBatcher(
             task.predict_batch,
             max_batch_size=settings.batch_size_ceiling,
@@ -126,9 +153,11 @@ class TaskService:
         self.require_warm()
         self._admit(self._deadline(arrived_at))
 
-    def _deadline(self, arrived_at: float | None) -> float:
+    def _deadline(self, arrived_at: float | None, within: float | None = None) -> float:
         loop = asyncio.get_running_loop()
-        return (loop.time() if arrived_at is None else arrived_at) + self.settings.timeout
+        if within is None or within > self.settings.timeout:
+            within = self.settings.timeout
+        return (loop.time() if arrived_at is None else arrived_at) + within
 
     def _admit(self, deadline: float | None) -> None:
         """Refuses a request that could not be decoded and computed by ``deadline``. Its
@@ -149,20 +178,23 @@ class TaskService:
         options: BaseModel,
         *,
         bulk: bool = False,
+        within: float | None = None,
+        background: bool = False,
     ) -> Any:
         """Decodes ``payload`` and computes it within TIMEOUT seconds from now (for a
-        request, the end of its body).
+        request, the end of its body), or ``within`` seconds if that is shorter.
 
         ``bulk`` items (job work) have no deadline and only fill the capacity that
-        interactive requests leave.
+        interactive requests leave; ``background`` requests keep their deadline but
+        queue behind interactive ones, as job work does.
         """
         self.require_warm()
-        deadline = None if bulk else self._deadline(None)
+        deadline = None if bulk else self._deadline(None, within)
         self._admit(deadline)  # before decoding an input the model could not serve in time
         item = await self._decode(payload, options, deadline, bulk)
         try:
             return await self.batcher.submit(
-                item, deadline=deadline, priority=1 if bulk else 0, admitted=True
+                item, deadline=deadline, priority=1 if bulk or background else 0, admitted=True
             )
         except BatcherError:
             raise
@@ -208,6 +240,7 @@ class TaskService:
         except TimeoutError:
             raise DeadlineExceeded("timed out while decoding the input") from None
         self._decode_seconds.add(seconds)
+        self.requests.decode.add(seconds)
         return item
 
     def _timed_decode(self, payload: Payload, options: BaseModel) -> tuple[Any, float]:

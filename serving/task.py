@@ -6,16 +6,22 @@ batches (``predict_batch``, in the model thread) and turns each result into JSON
 admission and load shedding, batching, the 503/504 contract, jobs, metrics, readiness.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
 from serving.warmup import tune_batch_size
 from settings import FROM_ENVIRONMENT, read_settings
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from serving.tensors import Row, TensorForm
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -72,7 +78,9 @@ class Task(Generic[Item, Result]):
     a bad value, passed to ``decode`` and ``encode``); ``Response``, the pydantic model
     of ``encode``'s answer, and ``json_schema``, the JSON Schema of one JSON input, for
     the OpenAPI schema; ``jobs_field``, the JSON key that holds a job's items;
-    ``check_item``, ``light_model``, ``example``, ``warm_up`` and ``describe``.
+    ``check_item``, ``light_model``, ``example``, ``warm_up`` and ``describe``; for the
+    Open Inference Protocol (V2), ``tensor_form`` with ``tensor_outputs`` and, unless the
+    task takes one BYTES input as its payload, ``tensor_payload`` (serving/tensors.py).
     """
 
     name: ClassVar[str]
@@ -151,6 +159,38 @@ class Task(Generic[Item, Result]):
     def describe(self) -> dict[str, Any]:
         """What /metadata shows about the task and its model."""
         return {}
+
+    def tensor_form(self) -> "TensorForm | None":
+        """The task's inputs and outputs over the Open Inference Protocol, or None: it is
+        then listed in /v2 as unavailable. Called once, after ``load``."""
+        return None
+
+    def tensor_payload(self, row: "Row") -> Payload:
+        """One row of a V2 request as ``decode``'s payload. By default the one element of
+        the task's one BYTES input, as a multipart file carries it. Runs on the event
+        loop: keep it cheap."""
+        from serving.tensors import only_bytes
+
+        if len(row) != 1:
+            raise NotImplementedError(f"{type(self).__name__}: implement tensor_payload")
+        (name,) = row
+        return only_bytes(row, name)
+
+    def tensor_options(self, parameters: Mapping[str, Any]) -> Any:
+        """The options of a V2 request, from its parameters: those named like a field of
+        ``Options`` (``top_k``, say) are validated as a query parameter would be."""
+        fields = self.Options.model_fields
+        return self.Options.model_validate({k: v for k, v in parameters.items() if k in fields})
+
+    def tensor_outputs(self, results: list[Result], options: Any) -> "dict[str, np.ndarray]":
+        """The results of a V2 request's rows as its output tensors, each with the rows as
+        its first dimension. Runs on the event loop."""
+        raise NotImplementedError
+
+    def classification(self, result: Result, count: int) -> list[str]:
+        """The ``count`` best classes of a result as Triton's classification extension
+        writes them, ``"score:index:label"``; for a task that classifies."""
+        raise InputError(f"model {self.name!r} does not classify: ask for its outputs as they are")
 
 
 _REQUIRED = ("load", "decode", "predict_batch", "encode")

@@ -1,8 +1,13 @@
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from harness.server import Server, running_server
+
+# Apps run in this process serve no gRPC: the default port would be shared by every app
+# and every run at once. Servers in subprocesses get a free port each (harness/server.py).
+os.environ.setdefault("GRPC_PORT", "0")
 
 
 @pytest.fixture

@@ -53,11 +53,12 @@ def test_compose_exposes_every_setting() -> None:
     assert not missing, f"docker-compose.yml does not mention {missing}"
 
 
-def test_compose_reserves_a_gpu_publishes_5001_and_restarts() -> None:
+def test_compose_reserves_a_gpu_publishes_http_and_grpc_and_restarts() -> None:
     service = compose("docker-compose.yml")
     [device] = service["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia"
-    assert service["ports"] == ["5001:5001"]
+    assert service["ports"] == ["5001:5001", "5002:5002"]
+    assert service["environment"]["GRPC_PORT"] == "5002"
     assert service["restart"] == "unless-stopped"
     assert service["environment"]["timeout"] == "2.0"
     assert "/health/ready" in " ".join(service["healthcheck"]["test"])
@@ -93,7 +94,8 @@ def test_dockerfile_healthcheck_probes_readiness_on_the_served_port() -> None:
     assert url.group(2) == "/health/ready"
     assert url.group(2) in routes()
     assert env["HOST"] == "0.0.0.0"
-    assert ("EXPOSE", "5001") in DOCKERFILE
+    assert ("EXPOSE", "5001 5002") in DOCKERFILE
+    assert env["GRPC_PORT"] == "5002"
 
 
 def test_dockerfile_runs_as_non_root_and_caches_dependencies_before_code() -> None:
@@ -160,4 +162,4 @@ def test_the_scale_overlay_runs_redis_durably_behind_haproxy() -> None:
     config = balancer["volumes"][0].split(":")[0]
     assert (ROOT / config).is_file()
     assert "option httpchk GET /health/ready" in (ROOT / config).read_text()
-    assert balancer["ports"] == ["5001:5001"]
+    assert balancer["ports"] == ["5001:5001", "5002:5002"]  # HTTP, gRPC

@@ -52,12 +52,16 @@ def test_probes_and_port_match_the_server(manifests: dict[tuple[str, str], Any])
     main = container(manifests)
     env = {item["name"]: item["value"] for item in main["env"]}
     port = int(env["BIND"].rsplit(":", 1)[1])
-    assert main["ports"] == [{"name": "http", "containerPort": port}]
+    grpc_port = int(env["GRPC_PORT"])
+    assert main["ports"] == [
+        {"name": "http", "containerPort": port},
+        {"name": "grpc", "containerPort": grpc_port},
+    ]
     assert main["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert main["livenessProbe"]["httpGet"]["path"] == "/health/live"
     assert main["startupProbe"]["httpGet"]["path"] == "/health/live"
     service = manifests["Service", "classifier"]["spec"]
-    assert service["ports"][0]["targetPort"] == "http"
+    assert [p["targetPort"] for p in service["ports"]] == ["http", "grpc"]
     assert (
         service["selector"]
         == manifests["Deployment", "classifier"]["spec"]["selector"]["matchLabels"]

@@ -9,7 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
 from harness.server import ROOT, Server, free_port, stop
 from tests.helpers import NAMES, replica_env, replicas, wait_for
@@ -21,17 +23,24 @@ pytestmark = pytest.mark.e2e
 CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 
 
-def local_config(port: int, replicas: list[Server]) -> str:
-    """The deployed config with the local port and replicas in place of Docker's names."""
+def local_config(port: int, grpc_port: int, replicas: list[Server]) -> str:
+    """The deployed config with local ports and replicas in place of Docker's names."""
     text = CONFIG.read_text()
-    assert "    bind :5001\n" in text
-    text = text.replace("    bind :5001\n", f"    bind 127.0.0.1:{port}\n")
-    template = next(line for line in text.splitlines() if "server-template" in line)
-    servers = [
-        f"    server replica{i} {server.url.removeprefix('http://')} check"
-        for i, server in enumerate(replicas)
+    for deployed, local in (("5001", port), ("5002", grpc_port)):
+        assert f"    bind :{deployed}" in text
+        text = text.replace(f"    bind :{deployed}", f"    bind 127.0.0.1:{local}")
+    http, grpc = (line for line in text.splitlines() if "server-template" in line)
+    assert "classifier:5001" in http
+    assert "classifier:5002" in grpc
+    assert "proto h2" in grpc
+    addresses = [server.url.removeprefix("http://") for server in replicas]
+    http_servers = [f"    server replica{i} {a} check" for i, a in enumerate(addresses)]
+    grpc_servers = [
+        f"    server replica{i} {server.grpc_target} check port {a.rpartition(':')[2]} proto h2"
+        for i, (server, a) in enumerate(zip(replicas, addresses, strict=True))
     ]
-    return text.replace(template, "\n".join(servers))
+    text = text.replace(http, "\n".join(http_servers))
+    return text.replace(grpc, "\n".join(grpc_servers))
 
 
 @contextmanager
@@ -64,9 +73,9 @@ def test_a_job_goes_through_the_load_balancer(tmp_path: Path) -> None:
     with redis_server(tmp_path) as redis:
         env = replica_env(redis, f"lb-{uuid.uuid4().hex[:6]}")
         with replicas(env, tmp_path, 2) as servers:
-            port = free_port()
+            port, grpc_port = free_port(), free_port()
             config = tmp_path / "haproxy.cfg"
-            config.write_text(local_config(port, servers))
+            config.write_text(local_config(port, grpc_port, servers))
             with haproxy(config, port) as url:
                 lb = Server(servers[0].process, url, config.with_suffix(".log"))
                 names = NAMES * 10
@@ -82,6 +91,14 @@ def test_a_job_goes_through_the_load_balancer(tmp_path: Path) -> None:
                 assert final["status"] == "succeeded"
                 labels = [r["prediction"]["label"] for r in final["results"]]
                 assert [photo_of(label) for label in labels] == names
+                # gRPC through the balancer, over h2c, to both replicas.
+                client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+                image = grpcclient.InferInput("image", [1, 1], "BYTES")
+                image.set_data_from_numpy(np.array([[photo_bytes("coffee")]], dtype=object))
+                for _ in range(4):
+                    answer = client.infer("cls", [image], parameters={"top_k": 1})
+                    assert photo_of(answer.as_numpy("label")[0, 0].decode()) == "coffee"
+                client.close()
                 # One replica drains: the balancer's health check takes it out, and every
                 # request still succeeds on the other.
                 stop(servers[1])
