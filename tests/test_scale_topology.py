@@ -29,9 +29,9 @@ def local_config(port: int, grpc_port: int, replicas: list[Server]) -> str:
     for deployed, local in (("5001", port), ("5002", grpc_port)):
         assert f"    bind :{deployed}" in text
         text = text.replace(f"    bind :{deployed}", f"    bind 127.0.0.1:{local}")
-    http, grpc = (line for line in text.splitlines() if "server-template" in line)
-    assert "classifier:5001" in http
-    assert "classifier:5002" in grpc
+    templates = [line for line in text.splitlines() if "server-template" in line]
+    [http] = [line for line in templates if "classifier:5001" in line]
+    [grpc] = [line for line in templates if "classifier:5002" in line]
     assert "proto h2" in grpc
     addresses = [server.url.removeprefix("http://") for server in replicas]
     http_servers = [f"    server replica{i} {a} check" for i, a in enumerate(addresses)]

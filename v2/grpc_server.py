@@ -320,7 +320,7 @@ async def start(engine: Engine, settings: Settings) -> grpc.aio.Server:
     """Serves GRPCInferenceService on GRPC_PORT, on the interface HTTP binds to. With
     SO_REUSEPORT every gunicorn worker listens on the port, and the kernel spreads the
     connections between them."""
-    limit = settings.max_upload_bytes + 64 * 1024  # a message's other fields
+    limit = settings.max_upload_bytes  # the whole message, as the whole body over HTTP
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 1),
