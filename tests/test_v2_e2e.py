@@ -133,7 +133,9 @@ def test_a_batch_of_eight_in_one_request_over_both_protocols(
         result = client.infer("cls", [images(module, names)], parameters={"top_k": 3})
         labels = result.as_numpy("label")
         assert labels.shape == (8, 3)
-        assert [row[0].decode() in TOP1[name] for row, name in zip(labels, names)] == [True] * 8
+        assert [row[0].decode() in TOP1[name] for row, name in zip(labels, names, strict=True)] == [
+            True
+        ] * 8
         scores = result.as_numpy("score")
         assert scores.dtype == np.float32
         assert (np.diff(scores, axis=1) <= 0).all()  # best first
@@ -189,11 +191,11 @@ def test_bad_requests_answer_as_the_protocol_says(
 ) -> None:
     corrupt = {3: truncated_jpeg()[:200]}
     with pytest.raises(InferenceServerException) as raised:
-        http.infer("cls", [images(httpclient, PHOTOS + ["coffee"], corrupt)])
+        http.infer("cls", [images(httpclient, [*PHOTOS, "coffee"], corrupt)])
     assert raised.value.status() == "400"
     assert "row 3" in raised.value.message()
     with pytest.raises(InferenceServerException) as raised:
-        grpc.infer("cls", [images(grpcclient, PHOTOS + ["coffee"], corrupt)])
+        grpc.infer("cls", [images(grpcclient, [*PHOTOS, "coffee"], corrupt)])
     assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "row 3" in raised.value.message()
     for client, module, status in (
