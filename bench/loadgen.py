@@ -10,8 +10,12 @@
     python bench/loadgen.py --port 5001 --concurrency 8 --duration 8 --images DIR
 
 ``--protocol`` says how a JPEG travels: ``multipart`` (our /cls and LitServe's), ``v2``
-(the Open Inference Protocol's binary tensor extension, as Triton takes it) or ``raw`` (the
-body of mosec's /inference).
+(the Open Inference Protocol's binary tensor extension, as Triton takes it), ``grpc`` (the
+same protocol's ModelInfer over gRPC, the image in ``raw_input_contents``; ``--port`` is
+then the gRPC port, each connection a channel of its own) or ``raw`` (the body of mosec's
+/inference). Over gRPC, OK counts as 200, UNAVAILABLE as 503 (its
+``grpc-retry-pushback-ms`` as Retry-After), DEADLINE_EXCEEDED as 504, and other codes as
+500.
 
 Prints JSON: statuses, latencies of the measured window, and the generator's own CPU use;
 with ``--server-pid``, also the server's CPU time over the window and the statuses of the
@@ -24,16 +28,69 @@ import asyncio
 import json
 import os
 import resource
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import grpc
 import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from v2.stubs import messages
 
 BOUNDARY = "bench-boundary-7d1f"
 
 
-PATHS = {"multipart": "/cls", "v2": "/v2/models/cls/infer", "raw": "/inference"}
+PATHS = {
+    "multipart": "/cls",
+    "v2": "/v2/models/cls/infer",
+    "grpc": "/inference.GRPCInferenceService/ModelInfer",
+    "raw": "/inference",
+}
+GRPC_STATUSES = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+# Channels an open loop spreads its calls over (HTTP/2 multiplexes each).
+OPEN_LOOP_CHANNELS = 8
+
+
+def build_grpc_request(image: bytes) -> bytes:
+    """A serialized ModelInferRequest for model cls: one BYTES element, raw."""
+    pb = messages()
+    request = pb.ModelInferRequest(model_name="cls")
+    request.inputs.add(name="image", datatype="BYTES", shape=[1, 1])
+    request.raw_input_contents.append(len(image).to_bytes(4, "little") + image)
+    return bytes(request.SerializeToString())
+
+
+class GrpcConnection:
+    """A channel and its ModelInfer call, with requests and answers as bytes: nothing
+    is parsed, so the client costs little."""
+
+    def __init__(self, port: int, path: str) -> None:
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
+        self.call = self.channel.unary_unary(path)
+
+    async def send(self, request: bytes) -> tuple[int, float]:
+        """The status of one call, and its retry hint in seconds (0 if none)."""
+        try:
+            await self.call(request, timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or ""):
+                return 0, 0.0  # no server there: not a refusal
+            retry_after = 0.0
+            for key, value in exc.trailing_metadata() or ():
+                if key == "grpc-retry-pushback-ms":
+                    retry_after = int(value) / 1000
+            return GRPC_STATUSES.get(exc.code(), 500), retry_after
+        return 200, 0.0
+
+    async def close(self) -> None:
+        await self.channel.close()
 
 
 def build_request(protocol: str, path: str, port: int, image: bytes, name: str) -> bytes:
@@ -101,8 +158,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# Every time here is on this clock: the event loop's may tick in whole milliseconds
+# (uvloop's does), too coarse for a latency of a few.
+clock = time.perf_counter
+
+
 class Record:
-    """The measured window [measure_from, stop_at) on the loop's clock: the status and
+    """The measured window [measure_from, stop_at) on ``clock``: the status and
     latency of each request sent in it, and the statuses of the answers that came in it."""
 
     def __init__(self, measure_from: float, stop_at: float) -> None:
@@ -112,25 +174,68 @@ class Record:
         self.answered: Counter[int] = Counter()
 
     def add(self, status: int, started: float) -> None:
-        now = asyncio.get_running_loop().time()
+        now = clock()
         if started >= self.measure_from:
             self.samples.append((status, now - started))
         if self.measure_from <= now < self.stop_at:
             self.answered[status] += 1
 
 
+async def grpc_client(
+    port: int, path: str, requests: list[bytes], offset: int, record: Record, polite: bool
+) -> None:
+    """A closed-loop client over a gRPC channel of its own."""
+    connection = GrpcConnection(port, path)
+    sent = offset
+    try:
+        while clock() < record.stop_at:
+            started = clock()
+            status, retry_after = await connection.send(requests[sent % len(requests)])
+            sent += 1
+            record.add(status, started)
+            if polite and retry_after:
+                await asyncio.sleep(min(retry_after, max(0.0, record.stop_at - clock())))
+    finally:
+        await connection.close()
+
+
+async def grpc_open_loop(
+    port: int, path: str, requests: list[bytes], rate: float, record: Record
+) -> None:
+    """Sends ``rate`` calls per second over a few channels, whatever the answers."""
+    channels = [GrpcConnection(port, path) for _ in range(OPEN_LOOP_CHANNELS)]
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(connection: GrpcConnection, request: bytes, planned: float) -> None:
+        status, _ = await connection.send(request)
+        record.add(status, planned)
+
+    planned = clock()
+    sent = 0
+    while planned < record.stop_at:
+        await asyncio.sleep(max(0.0, planned - clock()))
+        connection = channels[sent % len(channels)]
+        task = asyncio.create_task(one(connection, requests[sent % len(requests)], planned))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        sent += 1
+        planned += 1 / rate
+    await asyncio.gather(*pending)
+    for connection in channels:
+        await connection.close()
+
+
 async def connection(
     port: int, requests: list[bytes], offset: int, record: Record, polite: bool = True
 ) -> None:
-    loop = asyncio.get_running_loop()
     stop_at = record.stop_at
     writer = None
     sent = offset
-    while loop.time() < stop_at:
+    while clock() < stop_at:
         if writer is None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert reader is not None
-        started = loop.time()
+        started = clock()
         writer.write(requests[sent % len(requests)])
         sent += 1
         try:
@@ -146,14 +251,13 @@ async def connection(
             writer = None
         if retry_after:
             # A well-behaved client, like python -m client, waits as the server asks.
-            await asyncio.sleep(min(retry_after, max(0.0, stop_at - loop.time())))
+            await asyncio.sleep(min(retry_after, max(0.0, stop_at - clock())))
     if writer is not None:
         writer.close()
 
 
 async def open_loop(port: int, requests: list[bytes], rate: float, record: Record) -> None:
     """Sends ``rate`` requests per second until the window ends, whatever the answers."""
-    loop = asyncio.get_running_loop()
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     pending: set[asyncio.Task[None]] = set()
 
@@ -176,10 +280,10 @@ async def open_loop(port: int, requests: list[bytes], rate: float, record: Recor
         else:
             idle.append((reader, writer))
 
-    planned = loop.time()
+    planned = clock()
     sent = 0
     while planned < record.stop_at:
-        await asyncio.sleep(max(0.0, planned - loop.time()))
+        await asyncio.sleep(max(0.0, planned - clock()))
         task = asyncio.create_task(one(requests[sent % len(requests)], planned))
         pending.add(task)
         task.add_done_callback(pending.discard)
@@ -192,13 +296,23 @@ async def open_loop(port: int, requests: list[bytes], rate: float, record: Recor
 
 async def run(args: argparse.Namespace, requests: list[bytes]) -> dict[str, object]:
     loop = asyncio.get_running_loop()
-    record = Record(loop.time() + args.warmup, loop.time() + args.warmup + args.duration)
+    record = Record(clock() + args.warmup, clock() + args.warmup + args.duration)
     server_cpu: list[float] = []
     if args.server_pid:
         for at in (record.measure_from, record.stop_at):
-            loop.call_at(at, lambda: server_cpu.append(cpu_seconds(args.server_pid)))
+            loop.call_later(at - clock(), lambda: server_cpu.append(cpu_seconds(args.server_pid)))
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
-    if args.rate:
+    path = args.path or PATHS[args.protocol]
+    if args.protocol == "grpc" and args.rate:
+        await grpc_open_loop(args.port, path, requests, args.rate, record)
+    elif args.protocol == "grpc":
+        await asyncio.gather(
+            *(
+                grpc_client(args.port, path, requests, i * 7, record, not args.impolite)
+                for i in range(args.concurrency)
+            )
+        )
+    elif args.rate:
         await open_loop(args.port, requests, args.rate, record)
     else:
         await asyncio.gather(
@@ -209,7 +323,7 @@ async def run(args: argparse.Namespace, requests: list[bytes]) -> dict[str, obje
         )
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
-    wall = loop.time() - (record.measure_from - args.warmup)
+    wall = clock() - (record.measure_from - args.warmup)
     result: dict[str, object] = {
         "concurrency": args.concurrency,
         "duration_s": args.duration,
@@ -240,9 +354,12 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # open loop: many connections
     images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".jpg", ".jpeg"})
     path = args.path or PATHS[args.protocol]
-    requests = [
-        build_request(args.protocol, path, args.port, p.read_bytes(), p.name) for p in images
-    ]
+    if args.protocol == "grpc":
+        requests = [build_grpc_request(p.read_bytes()) for p in images]
+    else:
+        requests = [
+            build_request(args.protocol, path, args.port, p.read_bytes(), p.name) for p in images
+        ]
     started = time.perf_counter()
     result = uvloop.run(run(args, requests))
     result["wall_s"] = round(time.perf_counter() - started, 2)

@@ -30,7 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import job_store_bench
 import offline
 import report
-from servers import CONCURRENCY, PEERS, ROOT, load, run_levels, start, stop_all
+from servers import (
+    CONCURRENCY,
+    PEERS,
+    PROTOCOLS,
+    ROOT,
+    TRITON_PROTOCOLS,
+    load,
+    run_levels,
+    start,
+    stop_all,
+)
 
 from classification import Classifier, load_model
 from classification.backend import seconds_per_batch
@@ -114,7 +124,7 @@ def offline_limits(images: list[Path], cache_dir: Path) -> dict[str, Any]:
 
 def overload(images: Path, logs: Path, duration: float) -> dict[str, Any]:
     port = free_port()
-    env = {"PORT": str(port), "LOG_LEVEL": "warning", "TIMEOUT": str(TIMEOUT_S)}
+    env = {"PORT": str(port), "GRPC_PORT": "0", "LOG_LEVEL": "warning", "TIMEOUT": str(TIMEOUT_S)}
     server = start([sys.executable, "main.py"], env, port, logs / "overload.log")
     try:
         wait_ready(server, timeout=180)
@@ -200,8 +210,9 @@ def main() -> None:
         # This shared machine's speed drifts over minutes, so what the targets compare
         # runs close together: ours, then the peers, then overload.
         print("servers under load ...", flush=True)
-        ours = ["ours (defaults)", "ours PRECISION=float32"]
-        result["servers"] = run_levels([*ours, *PEERS], images, work, args.duration)
+        ours = ["ours (defaults)", "ours PRECISION=float32", *PROTOCOLS]
+        contenders = [*ours, *PEERS, *TRITON_PROTOCOLS]
+        result["servers"] = run_levels(contenders, images, work, args.duration)
         print("overload ...", flush=True)
         result["overload"] = overload(images, work, max(args.duration, 10))
         others = ["ours MAX_BATCH_SIZE=1", "ours BACKEND=torch", "naive FastAPI"]

@@ -32,7 +32,7 @@ class Contender:
 
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
-    protocol: str = "multipart"  # bench/loadgen.py's --protocol
+    protocol: str = "multipart"  # bench/loadgen.py's --protocol; grpc: on the port + 1
     ready_path: str = "/health/ready"
     needs: Path | None = None  # an interpreter that `make bench` makes, if it needs one
 
@@ -44,23 +44,29 @@ class Contender:
         return f"{self.needs} is missing: make bench"
 
 
-def _triton() -> Contender:
+def _triton(precision: str = "float32", protocol: str = "v2") -> Contender:
     # The Python backend's stub links against the interpreter's shared library.
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     return Contender(
         [str(TRITON_PYTHON), "bench/peers/triton_server.py"],
-        {"PRECISION": "float32", "LD_LIBRARY_PATH": libdir},
-        protocol="v2",
+        {"PRECISION": precision, "LD_LIBRARY_PATH": libdir},
+        protocol=protocol,
         ready_path="/v2/models/cls/ready",
         needs=TRITON_PYTHON,
     )
 
 
 OURS = [sys.executable, "main.py"]
+FLOAT32 = {"PRECISION": "float32"}
 CONTENDERS: dict[str, Contender] = {
     "ours (defaults)": Contender(OURS),
-    "ours PRECISION=float32": Contender(OURS, {"PRECISION": "float32"}),
+    "ours (defaults) gRPC": Contender(OURS, protocol="grpc"),
+    "ours PRECISION=float32": Contender(OURS, FLOAT32),
+    "ours float32 V2 HTTP": Contender(OURS, FLOAT32, protocol="v2"),
+    "ours float32 gRPC": Contender(OURS, FLOAT32, protocol="grpc"),
     "Triton (PyTriton) float32": _triton(),
+    "Triton (PyTriton) float32 gRPC": _triton(protocol="grpc"),
+    "Triton (PyTriton) int8 gRPC": _triton("int8", "grpc"),
     "mosec float32": Contender(
         [sys.executable, "bench/peers/mosec_server.py"],
         {"PRECISION": "float32"},
@@ -75,6 +81,9 @@ CONTENDERS: dict[str, Contender] = {
     "naive FastAPI": Contender([sys.executable, "bench/naive_server.py"]),
 }
 PEERS = ["Triton (PyTriton) float32", "mosec float32", "LitServe float32"]
+# The Open Inference Protocol, ours beside Triton's, over the same client.
+PROTOCOLS = ["ours (defaults) gRPC", "ours float32 V2 HTTP", "ours float32 gRPC"]
+TRITON_PROTOCOLS = ["Triton (PyTriton) float32 gRPC", "Triton (PyTriton) int8 gRPC"]
 
 
 def start(command: list[str], env: dict[str, str], port: int, log: Path) -> Server:
@@ -106,8 +115,14 @@ def wait_until_ready(server: Server, contender: Contender, images: Path, timeout
     """Until the contender's readiness path answers 200, then one real request: some
     peers answer their health check before their model workers are up."""
     wait_ready(server, timeout, contender.ready_path)
-    port = int(server.url.rsplit(":", 1)[1])
+    port = load_port(contender, int(server.url.rsplit(":", 1)[1]))
     load(port, 1, 1.0, images, "--protocol", contender.protocol, warmup=0.0)
+
+
+def load_port(contender: Contender, port: int) -> int:
+    """Where the load goes: gRPC is served on the port after HTTP's (GRPC_PORT for ours,
+    Triton's own layout)."""
+    return port + 1 if contender.protocol == "grpc" else port
 
 
 def load(
@@ -172,14 +187,22 @@ def run_levels(
             print(f"  {name}: left out, {why}", flush=True)
             continue
         port = free_port()
-        env = {"PORT": str(port), "LOG_LEVEL": "warning", **contender.env}
+        env = {"PORT": str(port), "GRPC_PORT": str(port + 1), "LOG_LEVEL": "warning"}
+        env |= contender.env
         log = logs / f"{slug(name)}.log"
         server = start([*contender.command, str(port)], env, port, log)
         try:
             wait_until_ready(server, contender, images, timeout=240)
             results[name] = []
             for concurrency in levels:
-                row = load(port, concurrency, duration, images, "--protocol", contender.protocol)
+                row = load(
+                    load_port(contender, port),
+                    concurrency,
+                    duration,
+                    images,
+                    "--protocol",
+                    contender.protocol,
+                )
                 print(
                     f"  {name:28} c={concurrency:<4} {row['throughput_rps']:7.1f} req/s "
                     f"p50 {row['p50_ms']} ms p99 {row['p99_ms']} ms {row['status_mix']}",

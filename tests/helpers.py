@@ -220,3 +220,31 @@ def console_commands(markdown: Path, heading: str) -> list[tuple[str, list[str]]
         elif in_console and commands:
             commands[-1][1].append(line)
     return commands
+
+
+def python_blocks(markdown: Path, heading: str) -> list[str]:
+    """The ``python`` code blocks under ``heading`` (a line of ``markdown``), up to the
+    next heading of the same or a higher level."""
+    lines = markdown.read_text().splitlines()
+    start = lines.index(heading) + 1
+    level = heading.split(" ", 1)[0]
+    end = next(
+        (
+            i
+            for i in range(start, len(lines))
+            if lines[i].split(" ", 1)[0] in {"#" * n for n in range(1, len(level) + 1)}
+        ),
+        len(lines),
+    )
+    blocks: list[str] = []
+    current: list[str] | None = None
+    for line in lines[start:end]:
+        if line.startswith("```"):
+            if current is not None:
+                blocks.append("\n".join(current) + "\n")
+                current = None
+            elif line == "```python":
+                current = []
+        elif current is not None:
+            current.append(line)
+    return blocks

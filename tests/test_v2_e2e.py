@@ -3,6 +3,8 @@ clients: tritonclient's HTTP and gRPC clients, sync and asyncio."""
 
 import queue
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,8 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as httpaio
 from tritonclient.utils import InferenceServerException
 
-from harness.server import GUNICORN, Server, running_server
+from harness.server import GUNICORN, ROOT, Server, running_server
+from tests.helpers import python_blocks
 from tests.images import TOP1, chelsea, encode, photo_bytes, truncated_jpeg
 
 pytestmark = pytest.mark.e2e
@@ -345,6 +348,20 @@ async def test_the_asyncio_clients(server: Server) -> None:
     finally:
         await http.close()
         await grpc.close()
+
+
+def test_the_readmes_examples_run_as_written(server: Server, tmp_path: Path) -> None:
+    blocks = python_blocks(ROOT / "README.md", "## The Open Inference Protocol (KServe V2)")
+    assert len(blocks) == 2
+    (tmp_path / "cat.jpg").write_bytes(photo_bytes("chelsea"))
+    for block in blocks:
+        code = block.replace("localhost:5001", server.url.removeprefix("http://"))
+        code = code.replace("localhost:5002", server.grpc_target)
+        ran = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert "cat" in ran.stdout
 
 
 def test_stopping_leaves_no_grpc_listener(tmp_path: Path) -> None:
