@@ -3,6 +3,7 @@ a retry storm of 256 clients that ignore Retry-After, and the server's CPU per r
 
     .venv/bin/python bench/overload.py      (about two minutes; make bench-overload)
     OVERLOAD_PRECISION=float32 .venv/bin/python bench/overload.py   (the float32 model)
+    OVERLOAD_PROTOCOL=grpc .venv/bin/python bench/overload.py   (ModelInfer over gRPC)
 
 Writes bench/results/<date>-<host>-overload.md and .json.
 """
@@ -29,11 +30,18 @@ STORM_CLIENTS = 256
 PEAK_CONCURRENCY = 32
 
 
+PROTOCOL = os.environ.get("OVERLOAD_PROTOCOL", "multipart")  # or v2, grpc
+
+
 def measured(
     pid: int, port: int, concurrency: int, duration: float, images: Path, *extra: str
 ) -> dict[str, Any]:
-    """A load run, with the server's CPU seconds over the whole run."""
+    """A load run over PROTOCOL (gRPC on the port after HTTP's), with the server's CPU
+    seconds over the whole run."""
     before = cpu_seconds(pid)
+    if PROTOCOL == "grpc":
+        port += 1
+    extra = ("--protocol", PROTOCOL, *extra)
     row = servers.load(port, concurrency, duration, images, *extra)
     row["server_cpu_s"] = round(cpu_seconds(pid) - before, 2)
     mix = row["status_mix"]
@@ -47,7 +55,13 @@ def measured(
 
 def serve(env: dict[str, str], logs: Path, name: str) -> tuple[servers.Server, int]:
     port = free_port()
-    full_env = {"PORT": str(port), "LOG_LEVEL": "warning", "TIMEOUT": str(TIMEOUT_S), **env}
+    full_env = {
+        "PORT": str(port),
+        "GRPC_PORT": str(port + 1),
+        "LOG_LEVEL": "warning",
+        "TIMEOUT": str(TIMEOUT_S),
+        **env,
+    }
     server = servers.start([sys.executable, "main.py"], full_env, port, logs / f"{name}.log")
     wait_ready(server, timeout=180)
     return server, port
@@ -83,7 +97,12 @@ def refusal_cost(images: Path, logs: Path, duration: float, env: dict[str, str])
 def overload_suite(
     images: Path, logs: Path, duration: float, env: dict[str, str]
 ) -> dict[str, Any]:
-    report: dict[str, Any] = {"timeout_s": TIMEOUT_S, "duration_s": duration, "env": env}
+    report: dict[str, Any] = {
+        "timeout_s": TIMEOUT_S,
+        "duration_s": duration,
+        "env": env,
+        "protocol": PROTOCOL,
+    }
     server, port = serve(env, logs, "overload")
     pid = server.process.pid
     try:
@@ -143,8 +162,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}."
         f" Load average at start (1, 5, 15 min): {report['load_average_at_start']}.",
-        f"One server (uvicorn, defaults{settings}, TIMEOUT={report['timeout_s']:g}), /cls with the",
-        f"benchmark's 15 photos, {report['duration_s']:g} s per run after a 1 s run-in.",
+        f"One server (uvicorn, defaults{settings}, TIMEOUT={report['timeout_s']:g}), cls over"
+        f" {report['protocol']} with the benchmark's 15 photos, {report['duration_s']:g} s per"
+        " run after a 1 s run-in.",
         "",
         "| run | offered | goodput (req/s) | share of peak | status mix | p99 of 200s (ms)"
         " | server CPU (s) | loadgen CPU |",
@@ -206,6 +226,8 @@ def main() -> None:
     stem = f"{report['date']}-{platform.node() or 'host'}-overload"
     if precision:
         stem += f"-{precision}"
+    if PROTOCOL != "multipart":
+        stem += f"-{PROTOCOL}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     (out / f"{stem}.md").write_text(markdown(report))
     print(f"wrote bench/results/{stem}.md")
