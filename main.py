@@ -86,10 +86,13 @@ def announce_ready(settings: Settings, routes: list[str], started: float) -> Non
     host, _, port = settings.gunicorn_bind.rpartition(":")
     host = "127.0.0.1" if host in ("", "0.0.0.0", "[::]") else host
     url = f"http://{host}:{port}" if port.isdigit() else settings.gunicorn_bind
+    grpc = f", gRPC on port {settings.grpc_port}" if settings.grpc_port else ""
     logger.info(
-        "Ready: %s/ serves %s (the page at /, the API at /docs), warmed up in %.1f s",
+        "Ready: %s/ serves %s (the page at /, the API at /docs; the Open Inference Protocol"
+        " at /v2%s), warmed up in %.1f s",
         url,
         ", ".join(f"POST {route}" for route in routes),
+        grpc,
         time.monotonic() - started,
     )
 
