@@ -141,6 +141,17 @@ def test_metrics_metadata_and_openapi_carry_the_task(server: Server) -> None:
     assert "offset" in str(paths["/square"]["post"]["parameters"])
 
 
+def test_a_task_without_a_tensor_form_is_listed_in_v2_as_unavailable(server: Server) -> None:
+    models = {m["name"]: m for m in httpx.get(f"{server.url}/v2").json()["models"]}
+    assert models["cls"]["available"]
+    assert not models["square"]["available"]
+    assert "tensor_form" in models["square"]["reason"]
+    body = {"inputs": [{"name": "x", "datatype": "INT64", "shape": [1, 1], "data": [3]}]}
+    answer = httpx.post(f"{server.url}/v2/models/square/infer", json=body)
+    assert answer.status_code == 400
+    assert "POST /square" in answer.json()["error"]
+
+
 @pytest.mark.parametrize(
     ("tasks", "message"),
     [
