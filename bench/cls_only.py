@@ -1,5 +1,6 @@
-"""Only /cls under load, at each concurrency level of bench/run.py: a quick before/after
-check for a change to the request path (about a minute; the full `make bench` takes seven).
+"""Only our defaults under load, /cls and (on the same server) ModelInfer over gRPC, at
+each concurrency level of bench/run.py: a quick before/after check for a change to the
+request path (about two minutes; the full `make bench` takes twenty).
 
     .venv/bin/python bench/cls_only.py
 """

@@ -11,9 +11,9 @@ DEFAULTS = "ours (defaults)"
 # The Open Inference Protocol: (ours, the multipart run of the same precision, Triton's
 # run over the same protocol and client).
 PROTOCOL_PAIRS = [
-    ("ours (defaults) gRPC", DEFAULTS, "Triton (PyTriton) int8 gRPC"),
-    ("ours float32 gRPC", FLOAT32, "Triton (PyTriton) float32 gRPC"),
-    ("ours float32 V2 HTTP", FLOAT32, "Triton (PyTriton) float32"),
+    (f"{DEFAULTS} gRPC", DEFAULTS, "Triton (PyTriton) int8"),
+    (f"{FLOAT32} gRPC", FLOAT32, "Triton (PyTriton) float32 gRPC"),
+    (f"{FLOAT32} V2 HTTP", FLOAT32, "Triton (PyTriton) float32"),
 ]
 
 
@@ -242,8 +242,9 @@ def markdown(result: dict[str, Any], png: str) -> str:
         "ONNX file with our Classifier's preprocessing and ONNX Runtime options, in float32 "
         "unless named int8. Runs named V2 HTTP or gRPC send the same photos over the Open "
         "Inference Protocol (the binary tensor extension, or ModelInfer with raw contents, "
-        "one channel per client) from the same client as Triton's runs; a gRPC "
-        "UNAVAILABLE counts as 503.",
+        "one channel per client) from the same client as Triton's runs, on the same server "
+        "process as the run without the suffix, each level over each protocol in turn; a "
+        "gRPC UNAVAILABLE counts as 503. Triton int8 is over gRPC.",
         "",
         f"![throughput and latency]({png})",
         "",

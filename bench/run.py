@@ -33,9 +33,8 @@ import report
 from servers import (
     CONCURRENCY,
     PEERS,
-    PROTOCOLS,
     ROOT,
-    TRITON_PROTOCOLS,
+    TRITON_INT8,
     load,
     run_levels,
     start,
@@ -210,8 +209,8 @@ def main() -> None:
         # This shared machine's speed drifts over minutes, so what the targets compare
         # runs close together: ours, then the peers, then overload.
         print("servers under load ...", flush=True)
-        ours = ["ours (defaults)", "ours PRECISION=float32", *PROTOCOLS]
-        contenders = [*ours, *PEERS, *TRITON_PROTOCOLS]
+        ours = ["ours (defaults)", "ours PRECISION=float32"]
+        contenders = [*ours, *PEERS, TRITON_INT8]
         result["servers"] = run_levels(contenders, images, work, args.duration)
         print("overload ...", flush=True)
         result["overload"] = overload(images, work, max(args.duration, 10))

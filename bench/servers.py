@@ -33,6 +33,10 @@ class Contender:
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
     protocol: str = "multipart"  # bench/loadgen.py's --protocol; grpc: on the port + 1
+    # Further protocols loaded on the same server, each level in turn: one server
+    # process (one batch size chosen at warm-up) for every protocol it is compared over.
+    # Their rows are named "<name> V2 HTTP" and "<name> gRPC".
+    also: tuple[str, ...] = ()
     ready_path: str = "/health/ready"
     needs: Path | None = None  # an interpreter that `make bench` makes, if it needs one
 
@@ -44,13 +48,16 @@ class Contender:
         return f"{self.needs} is missing: make bench"
 
 
-def _triton(precision: str = "float32", protocol: str = "v2") -> Contender:
+def _triton(
+    precision: str = "float32", protocol: str = "v2", also: tuple[str, ...] = ()
+) -> Contender:
     # The Python backend's stub links against the interpreter's shared library.
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     return Contender(
         [str(TRITON_PYTHON), "bench/peers/triton_server.py"],
         {"PRECISION": precision, "LD_LIBRARY_PATH": libdir},
         protocol=protocol,
+        also=also,
         ready_path="/v2/models/cls/ready",
         needs=TRITON_PYTHON,
     )
@@ -59,14 +66,10 @@ def _triton(precision: str = "float32", protocol: str = "v2") -> Contender:
 OURS = [sys.executable, "main.py"]
 FLOAT32 = {"PRECISION": "float32"}
 CONTENDERS: dict[str, Contender] = {
-    "ours (defaults)": Contender(OURS),
-    "ours (defaults) gRPC": Contender(OURS, protocol="grpc"),
-    "ours PRECISION=float32": Contender(OURS, FLOAT32),
-    "ours float32 V2 HTTP": Contender(OURS, FLOAT32, protocol="v2"),
-    "ours float32 gRPC": Contender(OURS, FLOAT32, protocol="grpc"),
-    "Triton (PyTriton) float32": _triton(),
-    "Triton (PyTriton) float32 gRPC": _triton(protocol="grpc"),
-    "Triton (PyTriton) int8 gRPC": _triton("int8", "grpc"),
+    "ours (defaults)": Contender(OURS, also=("grpc",)),
+    "ours PRECISION=float32": Contender(OURS, FLOAT32, also=("v2", "grpc")),
+    "Triton (PyTriton) float32": _triton(also=("grpc",)),
+    "Triton (PyTriton) int8": _triton("int8", "grpc"),
     "mosec float32": Contender(
         [sys.executable, "bench/peers/mosec_server.py"],
         {"PRECISION": "float32"},
@@ -81,9 +84,15 @@ CONTENDERS: dict[str, Contender] = {
     "naive FastAPI": Contender([sys.executable, "bench/naive_server.py"]),
 }
 PEERS = ["Triton (PyTriton) float32", "mosec float32", "LitServe float32"]
-# The Open Inference Protocol, ours beside Triton's, over the same client.
-PROTOCOLS = ["ours (defaults) gRPC", "ours float32 V2 HTTP", "ours float32 gRPC"]
-TRITON_PROTOCOLS = ["Triton (PyTriton) float32 gRPC", "Triton (PyTriton) int8 gRPC"]
+# Triton in int8 (over gRPC), beside our defaults' int8; PEERS are all float32.
+TRITON_INT8 = "Triton (PyTriton) int8"
+PROTOCOL_NAMES = {"v2": "V2 HTTP", "grpc": "gRPC"}
+
+
+def row_name(name: str, contender: Contender, protocol: str) -> str:
+    """The name of a contender's rows over ``protocol``: its own name for its first
+    protocol, with the protocol's after it for the others."""
+    return name if protocol == contender.protocol else f"{name} {PROTOCOL_NAMES[protocol]}"
 
 
 def start(command: list[str], env: dict[str, str], port: int, log: Path) -> Server:
@@ -115,14 +124,15 @@ def wait_until_ready(server: Server, contender: Contender, images: Path, timeout
     """Until the contender's readiness path answers 200, then one real request: some
     peers answer their health check before their model workers are up."""
     wait_ready(server, timeout, contender.ready_path)
-    port = load_port(contender, int(server.url.rsplit(":", 1)[1]))
-    load(port, 1, 1.0, images, "--protocol", contender.protocol, warmup=0.0)
+    for protocol in (contender.protocol, *contender.also):
+        port = load_port(protocol, int(server.url.rsplit(":", 1)[1]))
+        load(port, 1, 1.0, images, "--protocol", protocol, warmup=0.0)
 
 
-def load_port(contender: Contender, port: int) -> int:
+def load_port(protocol: str, port: int) -> int:
     """Where the load goes: gRPC is served on the port after HTTP's (GRPC_PORT for ours,
     Triton's own layout)."""
-    return port + 1 if contender.protocol == "grpc" else port
+    return port + 1 if protocol == "grpc" else port
 
 
 def load(
@@ -193,22 +203,26 @@ def run_levels(
         server = start([*contender.command, str(port)], env, port, log)
         try:
             wait_until_ready(server, contender, images, timeout=240)
-            results[name] = []
+            protocols = (contender.protocol, *contender.also)
+            for protocol in protocols:
+                results[row_name(name, contender, protocol)] = []
             for concurrency in levels:
-                row = load(
-                    load_port(contender, port),
-                    concurrency,
-                    duration,
-                    images,
-                    "--protocol",
-                    contender.protocol,
-                )
-                print(
-                    f"  {name:28} c={concurrency:<4} {row['throughput_rps']:7.1f} req/s "
-                    f"p50 {row['p50_ms']} ms p99 {row['p99_ms']} ms {row['status_mix']}",
-                    flush=True,
-                )
-                results[name].append(row)
+                for protocol in protocols:
+                    row = load(
+                        load_port(protocol, port),
+                        concurrency,
+                        duration,
+                        images,
+                        "--protocol",
+                        protocol,
+                    )
+                    shown = row_name(name, contender, protocol)
+                    print(
+                        f"  {shown:34} c={concurrency:<4} {row['throughput_rps']:7.1f} req/s "
+                        f"p50 {row['p50_ms']} ms p99 {row['p99_ms']} ms {row['status_mix']}",
+                        flush=True,
+                    )
+                    results[shown].append(row)
         finally:
             stop_all(server)
     return results
