@@ -31,14 +31,12 @@ from api.errors import ErrorAnswer, as_response, error_answer
 from api.limits import refuse
 from api.metrics import REQUEST_SECONDS, REQUESTS
 from serving import Engine
-from serving.admission import Admitted, Refusal
+from serving.admission import Admitted, Pacing, Refusal
 
 logger = logging.getLogger("access")
 
 # Where an admitted request's ``Admitted`` is kept in its scope's state.
 ADMITTED = "admitted"
-# Connections remembered as refused, at most; past it the expired ones are forgotten.
-MAX_REMEMBERED = 10_000
 SUMMARY_INTERVAL_S = 1.0
 
 
@@ -111,8 +109,7 @@ class EarlyAdmission:
     def __init__(self, app: ASGIApp, door: Door) -> None:
         self.app = app
         self.door = door
-        # (client host, client port) of a connection -> loop time its hold ends.
-        self._refused_until: dict[tuple[str, int], float] = {}
+        self._pacing = Pacing()  # by (client host, client port)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -126,23 +123,13 @@ class EarlyAdmission:
         connection = scope.get("client")
         key = (connection[0], connection[1]) if connection else None
         arrived_at = loop.time()
-        held_until = self._refused_until.pop(key, 0.0) if key else 0.0
-        if held_until > arrived_at:
-            await asyncio.sleep(held_until - arrived_at)  # it did not wait as asked
+        if key is not None and (wait := self._pacing.wait(key, arrived_at)):
+            await asyncio.sleep(wait)  # it did not wait as asked
         refusal = self.door.judge(scope, arrived_at)
         if refusal is None:
             await self.app(scope, receive, send)
             return
         if key is not None:
-            self._remember(key, loop.time() + refusal.hold_s)
+            now = loop.time()
+            self._pacing.refused(key, now + refusal.hold_s, now)
         await refuse(scope, receive, send, as_response(self.door.answer(scope["path"], refusal)))
-
-    def _remember(self, key: tuple[str, int], until: float) -> None:
-        refused = self._refused_until
-        if len(refused) >= MAX_REMEMBERED:
-            now = asyncio.get_running_loop().time()
-            for stale in [k for k, t in refused.items() if t <= now]:
-                del refused[stale]
-            if len(refused) >= MAX_REMEMBERED:
-                refused.clear()  # a flood of connections: pacing restarts rather than grows
-        refused[key] = until

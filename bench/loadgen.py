@@ -14,8 +14,8 @@
 same protocol's ModelInfer over gRPC, the image in ``raw_input_contents``; ``--port`` is
 then the gRPC port, each connection a channel of its own) or ``raw`` (the body of mosec's
 /inference). Over gRPC, OK counts as 200, UNAVAILABLE as 503 (its
-``grpc-retry-pushback-ms`` as Retry-After), DEADLINE_EXCEEDED as 504, and other codes as
-500.
+``grpc-retry-pushback-ms`` as Retry-After), DEADLINE_EXCEEDED as 504,
+RESOURCE_EXHAUSTED as 429, CANCELLED as 499, and other codes as 500.
 
 Prints JSON: statuses, latencies of the measured window, and the generator's own CPU use;
 with ``--server-pid``, also the server's CPU time over the window and the statuses of the
@@ -50,9 +50,15 @@ PATHS = {
 }
 GRPC_STATUSES = {
     grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+# gRPC codes counted as 500 or as CANCELLED (499), with their details, for the result.
+OTHER_CODES: Counter[str] = Counter()
 # Channels an open loop spreads its calls over (HTTP/2 multiplexes each).
 OPEN_LOOP_CHANNELS = 8
 
@@ -71,7 +77,12 @@ class GrpcConnection:
     is parsed, so the client costs little."""
 
     def __init__(self, port: int, path: str) -> None:
-        options = [("grpc.max_receive_message_length", 64 << 20)]
+        # A connection of its own, as each HTTP client has: grpc would otherwise share
+        # one between the channels of a process that have the same target.
+        options = [
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
         self.call = self.channel.unary_unary(path)
 
@@ -82,6 +93,8 @@ class GrpcConnection:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or ""):
                 return 0, 0.0  # no server there: not a refusal
+            if exc.code() not in GRPC_STATUSES or exc.code() == grpc.StatusCode.CANCELLED:
+                OTHER_CODES[f"{exc.code().name}: {(exc.details() or '')[:100]}"] += 1
             retry_after = 0.0
             for key, value in exc.trailing_metadata() or ():
                 if key == "grpc-retry-pushback-ms":
@@ -331,6 +344,8 @@ async def run(args: argparse.Namespace, requests: list[bytes]) -> dict[str, obje
         "latencies_s": [round(t, 6) for _, t in record.samples],
         "loadgen_cpu_percent": round(100 * cpu / wall, 1),
     }
+    if OTHER_CODES:
+        result["grpc_other_codes"] = dict(OTHER_CODES)
     if len(server_cpu) == 2:
         result["server_cpu_in_window_s"] = round(server_cpu[1] - server_cpu[0], 3)
         result["answered_in_window"] = {str(k): v for k, v in sorted(record.answered.items())}

@@ -23,7 +23,7 @@ import run  # bench/run.py, importable once its folder is on the path
 import servers
 from loadgen import cpu_seconds
 
-from harness.server import free_port, wait_ready
+from harness.server import free_ports, wait_ready
 
 TIMEOUT_S = 2.0
 STORM_CLIENTS = 256
@@ -36,11 +36,9 @@ PROTOCOL = os.environ.get("OVERLOAD_PROTOCOL", "multipart")  # or v2, grpc
 def measured(
     pid: int, port: int, concurrency: int, duration: float, images: Path, *extra: str
 ) -> dict[str, Any]:
-    """A load run over PROTOCOL (gRPC on the port after HTTP's), with the server's CPU
+    """A load run over PROTOCOL on ``port``, with the server's CPU
     seconds over the whole run."""
     before = cpu_seconds(pid)
-    if PROTOCOL == "grpc":
-        port += 1
     extra = ("--protocol", PROTOCOL, *extra)
     row = servers.load(port, concurrency, duration, images, *extra)
     row["server_cpu_s"] = round(cpu_seconds(pid) - before, 2)
@@ -54,17 +52,18 @@ def measured(
 
 
 def serve(env: dict[str, str], logs: Path, name: str) -> tuple[servers.Server, int]:
-    port = free_port()
+    """A server, and the port the load goes to (its gRPC port over gRPC)."""
+    port, grpc_port = free_ports(2)
     full_env = {
         "PORT": str(port),
-        "GRPC_PORT": str(port + 1),
+        "GRPC_PORT": str(grpc_port),
         "LOG_LEVEL": "warning",
         "TIMEOUT": str(TIMEOUT_S),
         **env,
     }
     server = servers.start([sys.executable, "main.py"], full_env, port, logs / f"{name}.log")
     wait_ready(server, timeout=180)
-    return server, port
+    return server, servers.load_port(PROTOCOL, server)
 
 
 def refusal_cost(images: Path, logs: Path, duration: float, env: dict[str, str]) -> dict[str, Any]:

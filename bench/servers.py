@@ -20,7 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness.server import Server, free_port, stop, wait_ready  # noqa: E402
+from harness.server import Server, free_ports, stop, wait_ready  # noqa: E402
 
 CONCURRENCY = (1, 8, 32, 128)
 TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
@@ -32,7 +32,7 @@ class Contender:
 
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
-    protocol: str = "multipart"  # bench/loadgen.py's --protocol; grpc: on the port + 1
+    protocol: str = "multipart"  # bench/loadgen.py's --protocol; grpc: on GRPC_PORT
     # Further protocols loaded on the same server, each level in turn: one server
     # process (one batch size chosen at warm-up) for every protocol it is compared over.
     # Their rows are named "<name> V2 HTTP" and "<name> gRPC".
@@ -96,6 +96,7 @@ def row_name(name: str, contender: Contender, protocol: str) -> str:
 
 
 def start(command: list[str], env: dict[str, str], port: int, log: Path) -> Server:
+    """Starts ``command`` serving HTTP on ``port``, and gRPC on env's GRPC_PORT if set."""
     with log.open("wb") as out:
         process = subprocess.Popen(
             command,
@@ -105,7 +106,9 @@ def start(command: list[str], env: dict[str, str], port: int, log: Path) -> Serv
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, for stop_all
         )
-    return Server(process, f"http://127.0.0.1:{port}", log)
+    grpc_port = env.get("GRPC_PORT", "0")
+    grpc_target = f"127.0.0.1:{grpc_port}" if grpc_port != "0" else ""
+    return Server(process, f"http://127.0.0.1:{port}", log, grpc_target)
 
 
 def stop_all(server: Server) -> None:
@@ -125,14 +128,14 @@ def wait_until_ready(server: Server, contender: Contender, images: Path, timeout
     peers answer their health check before their model workers are up."""
     wait_ready(server, timeout, contender.ready_path)
     for protocol in (contender.protocol, *contender.also):
-        port = load_port(protocol, int(server.url.rsplit(":", 1)[1]))
-        load(port, 1, 1.0, images, "--protocol", protocol, warmup=0.0)
+        load(load_port(protocol, server), 1, 1.0, images, "--protocol", protocol, warmup=0.0)
 
 
-def load_port(protocol: str, port: int) -> int:
-    """Where the load goes: gRPC is served on the port after HTTP's (GRPC_PORT for ours,
-    Triton's own layout)."""
-    return port + 1 if protocol == "grpc" else port
+def load_port(protocol: str, server: Server) -> int:
+    """Where the load goes: gRPC on the server's GRPC_PORT, the rest on its HTTP port."""
+    if protocol == "grpc":
+        return int(server.grpc_target.rpartition(":")[2])
+    return int(server.url.rsplit(":", 1)[1])
 
 
 def load(
@@ -196,8 +199,8 @@ def run_levels(
         if why := contender.missing():
             print(f"  {name}: left out, {why}", flush=True)
             continue
-        port = free_port()
-        env = {"PORT": str(port), "GRPC_PORT": str(port + 1), "LOG_LEVEL": "warning"}
+        port, grpc_port = free_ports(2)
+        env = {"PORT": str(port), "GRPC_PORT": str(grpc_port), "LOG_LEVEL": "warning"}
         env |= contender.env
         log = logs / f"{slug(name)}.log"
         server = start([*contender.command, str(port)], env, port, log)
@@ -209,7 +212,7 @@ def run_levels(
             for concurrency in levels:
                 for protocol in protocols:
                     row = load(
-                        load_port(protocol, port),
+                        load_port(protocol, server),
                         concurrency,
                         duration,
                         images,

@@ -17,10 +17,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different ports free now: each socket is held until all are chosen."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @dataclass
@@ -64,13 +73,14 @@ GUNICORN = [sys.executable, "-m", "gunicorn", "main:app", "-c", "gunicorn_config
 def launch(
     env: dict[str, str], log: Path, port: int | None = None, command: list[str] = UVICORN
 ) -> Server:
-    port = port or free_port()
+    chosen, grpc_port = free_ports(2)
+    port = port or chosen
     full_env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "HOST": "127.0.0.1",
         "PORT": str(port),
-        "GRPC_PORT": str(free_port()),  # never the default: servers side by side
+        "GRPC_PORT": str(grpc_port),  # never the default: servers side by side
         **env,
     }
     full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -78,8 +88,8 @@ def launch(
         process = subprocess.Popen(
             command, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT
         )
-    grpc_port = full_env["GRPC_PORT"]
-    grpc_target = f"127.0.0.1:{grpc_port}" if grpc_port != "0" else ""
+    served = full_env["GRPC_PORT"]
+    grpc_target = f"127.0.0.1:{served}" if served != "0" else ""
     return Server(process, f"http://127.0.0.1:{port}", log, grpc_target)
 
 

@@ -2,6 +2,7 @@
 front of FastAPI, the server's own uvicorn protocol, and the next edges (gRPC). The
 engine answers it (``Engine.admit``) in these terms, whatever the transport."""
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from batching import QueueFull
@@ -39,3 +40,32 @@ class Admitted:
 
     task: str
     arrived_at: float
+
+
+# Connections remembered as refused, at most; past it the expired ones are forgotten.
+MAX_REMEMBERED = 10_000
+
+
+class Pacing:
+    """Until when each refused connection was asked to stay away. A request that comes
+    back on it sooner (an impolite client) waits out the rest before it is judged, so
+    that a client retrying at once gets one refusal per hold, not as many as the server
+    can write. Keys are connections; times are the event loop's clock."""
+
+    def __init__(self) -> None:
+        self._until: dict[Hashable, float] = {}
+
+    def wait(self, connection: Hashable, now: float) -> float:
+        """Seconds a request arriving on ``connection`` at ``now`` should wait, and
+        forgets the connection's hold."""
+        return max(0.0, self._until.pop(connection, 0.0) - now)
+
+    def refused(self, connection: Hashable, until: float, now: float) -> None:
+        """Remembers that ``connection`` was asked to stay away until ``until``."""
+        held = self._until
+        if len(held) >= MAX_REMEMBERED:
+            for stale in [key for key, end in held.items() if end <= now]:
+                del held[stale]
+            if len(held) >= MAX_REMEMBERED:
+                held.clear()  # a flood of connections: pacing restarts rather than grows
+        held[connection] = until

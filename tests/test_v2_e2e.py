@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc as grpc_module
 import httpx
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 import tritonclient.http.aio as httpaio
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from harness.server import GUNICORN, ROOT, Server, running_server
@@ -387,3 +389,35 @@ def test_every_gunicorn_worker_serves_grpc_on_the_one_port(tmp_path: Path) -> No
             client = grpcclient.InferenceServerClient(server.grpc_target)
             assert top1(client.infer("cls", [images(grpcclient, ["coffee"])])) == ["espresso"]
             client.close()
+
+
+def test_an_impolite_grpc_client_is_paced_by_its_retry_hint(tmp_path: Path) -> None:
+    # TIMEOUT far below one batch: every request is refused up front.
+    with running_server({"TIMEOUT": "0.001"}, tmp_path / "server.log") as server:
+        request = service_pb2.ModelInferRequest(model_name="cls")
+        request.inputs.add(name="image", datatype="BYTES", shape=[1, 1])
+        image = photo_bytes("coffee")
+        request.raw_input_contents.append(len(image).to_bytes(4, "little") + image)
+
+        def refused_in(channel: grpc_module.Channel) -> float:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            started = time.monotonic()
+            with pytest.raises(grpc_module.RpcError) as raised:
+                stub.ModelInfer(request, timeout=30)
+            seconds = time.monotonic() - started
+            assert raised.value.code() == grpc_module.StatusCode.UNAVAILABLE
+            trailers = dict(raised.value.trailing_metadata())
+            assert int(trailers["grpc-retry-pushback-ms"]) >= 1000
+            return seconds
+
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
+        with grpc_module.insecure_channel(server.grpc_target, options=options) as impolite:
+            first, second, third = (refused_in(impolite) for _ in range(3))
+            with grpc_module.insecure_channel(server.grpc_target, options=options) as other:
+                elsewhere = refused_in(other)
+        # Retrying at once, it waits out the rest of its hint (1 s) before each answer;
+        # another connection is answered at once.
+        assert first < 0.5
+        assert second >= 0.8
+        assert third >= 0.8
+        assert elsewhere < 0.5

@@ -4,7 +4,7 @@ that decodes the batch's JPEGs in a thread pool and runs the same ONNX Runtime s
 
     .venv-triton/bin/python bench/peers/triton_server.py PORT
 
-Speaks the Open Inference Protocol on PORT (HTTP); gRPC and metrics take PORT+1 and +2.
+Speaks the Open Inference Protocol on PORT (HTTP) and on GRPC_PORT (gRPC; PORT+1 if unset).
 PRECISION (float32 or int8) picks the model, as for our server.
 """
 
@@ -51,7 +51,7 @@ if __name__ == "__main__":
         http_address="127.0.0.1",
         http_port=port,
         grpc_address="127.0.0.1",
-        grpc_port=port + 1,
+        grpc_port=int(os.environ.get("GRPC_PORT") or port + 1),
         metrics_port=port + 2,
         allow_metrics=False,
     )
