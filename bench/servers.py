@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 from harness.server import Server, free_ports, stop, wait_ready  # noqa: E402
 
 CONCURRENCY = (1, 8, 32, 128)
+# Rounds a level is split into when one server is loaded over several protocols.
+ROUNDS = 3
 TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
 
 
@@ -148,6 +150,18 @@ def load(
 ) -> dict[str, Any]:
     """One bench/loadgen.py run; ``extra`` are its options (--impolite, --rate R,
     --protocol P)."""
+    return summary([run_loadgen(port, concurrency, duration, images, *extra, warmup=warmup)])
+
+
+def run_loadgen(
+    port: int,
+    concurrency: int,
+    duration: float,
+    images: Path,
+    *extra: str,
+    warmup: float = 1.0,
+) -> dict[str, Any]:
+    """bench/loadgen.py's raw result, with the run's own concurrency and duration."""
     output = subprocess.run(
         [
             sys.executable,
@@ -160,20 +174,33 @@ def load(
         text=True,
         check=True,
     )
-    raw = json.loads(output.stdout)
-    statuses = raw["statuses"]
-    ok = sorted(t for s, t in zip(statuses, raw["latencies_s"], strict=True) if s == 200)
+    raw: dict[str, Any] = json.loads(output.stdout)
+    return raw | {"concurrency": concurrency, "duration_s": duration}
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rates, latency percentiles and statuses of one or more loadgen runs at one level,
+    taken together."""
+    statuses = [s for raw in runs for s in raw["statuses"]]
+    latencies = [t for raw in runs for t in raw["latencies_s"]]
+    duration = sum(raw["duration_s"] for raw in runs)
+    ok = sorted(t for s, t in zip(statuses, latencies, strict=True) if s == 200)
     mix = {str(code): statuses.count(code) for code in sorted(set(statuses))}
+    last = runs[-1]
     return {
-        "concurrency": concurrency,
+        "concurrency": last["concurrency"],
         "requests": len(statuses),
         "status_mix": mix,
         "throughput_rps": round(len(ok) / duration, 1),
         "p50_ms": percentile(ok, 50),
         "p95_ms": percentile(ok, 95),
         "p99_ms": percentile(ok, 99),
-        "loadgen_cpu_percent": raw["loadgen_cpu_percent"],
-        **{key: raw[key] for key in ("server_cpu_in_window_s", "answered_in_window") if key in raw},
+        "loadgen_cpu_percent": round(sum(r["loadgen_cpu_percent"] for r in runs) / len(runs), 1),
+        **{
+            key: last[key]
+            for key in ("server_cpu_in_window_s", "answered_in_window")
+            if key in last
+        },
     }
 
 
@@ -210,15 +237,25 @@ def run_levels(
             for protocol in protocols:
                 results[row_name(name, contender, protocol)] = []
             for concurrency in levels:
+                # Over several protocols, each level in rounds, each protocol in turn:
+                # the machine's speed drifts over a minute, and a protocol measured
+                # always first or last at a level would take the drift as its own.
+                rounds = ROUNDS if len(protocols) > 1 else 1
+                runs: dict[str, list[dict[str, Any]]] = {p: [] for p in protocols}
+                for _ in range(rounds):
+                    for protocol in protocols:
+                        runs[protocol].append(
+                            run_loadgen(
+                                load_port(protocol, server),
+                                concurrency,
+                                duration / rounds,
+                                images,
+                                "--protocol",
+                                protocol,
+                            )
+                        )
                 for protocol in protocols:
-                    row = load(
-                        load_port(protocol, server),
-                        concurrency,
-                        duration,
-                        images,
-                        "--protocol",
-                        protocol,
-                    )
+                    row = summary(runs[protocol])
                     shown = row_name(name, contender, protocol)
                     print(
                         f"  {shown:34} c={concurrency:<4} {row['throughput_rps']:7.1f} req/s "

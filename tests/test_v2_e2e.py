@@ -421,3 +421,21 @@ def test_an_impolite_grpc_client_is_paced_by_its_retry_hint(tmp_path: Path) -> N
         assert second >= 0.8
         assert third >= 0.8
         assert elsewhere < 0.5
+
+
+def test_the_timeout_and_priority_parameters(
+    http: httpclient.InferenceServerClient, grpc: grpcclient.InferenceServerClient
+) -> None:
+    # A generous timeout (microseconds) and a background priority are served as any request.
+    answer = grpc.infer("cls", [images(grpcclient, ["coffee"])], priority=2, timeout=5_000_000)
+    assert top1(answer) == ["espresso"]
+    answer = http.infer("cls", [images(httpclient, ["rocket"])], priority=2, timeout=5_000_000)
+    assert top1(answer)[0] in TOP1["rocket"]
+    with pytest.raises(InferenceServerException) as raised:
+        http.infer("cls", [images(httpclient, ["coffee"])], timeout=-5)
+    assert raised.value.status() == "400"
+    assert "timeout" in raised.value.message()
+    with pytest.raises(InferenceServerException) as raised:
+        grpc.infer("cls", [images(grpcclient, ["coffee"])], parameters={"top_k": 500})
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "top_k" in raised.value.message()
