@@ -22,7 +22,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from harness.server import GUNICORN, ROOT, Server, running_server
-from tests.helpers import python_blocks
+from tests.helpers import metric, python_blocks
 from tests.images import TOP1, chelsea, encode, photo_bytes, truncated_jpeg
 
 pytestmark = pytest.mark.e2e
@@ -278,6 +278,18 @@ def test_the_statistics_count_the_requests_sent(
     )
     grpc_stats = grpc.get_inference_statistics("embed").model_stats[0]
     assert grpc_stats.inference_stats.success.count == after["inference_stats"]["success"]["count"]
+
+
+def test_grpc_calls_are_in_the_prometheus_metrics(
+    server: Server, grpc: grpcclient.InferenceServerClient
+) -> None:
+    grpc.infer("cls", [images(grpcclient, ["coffee"])])
+    with pytest.raises(InferenceServerException):
+        grpc.infer("nope", [images(grpcclient, ["coffee"])])
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric(text, "grpc_requests_total", method="ModelInfer", code="OK") >= 1
+    assert metric(text, "grpc_requests_total", method="ModelInfer", code="NOT_FOUND") >= 1
+    assert metric(text, "grpc_request_duration_seconds_count", method="ModelInfer") >= 2
 
 
 def wait_idle(server: Server, model: str) -> None:
