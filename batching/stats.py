@@ -35,11 +35,9 @@ class BatcherStats:
     rejected_late: int = 0
     rejected_closed: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)
-    # Seconds in all: the items' waits in the queue, the batches' compute (once per
-    # batch, and once per item, as the Open Inference Protocol's statistics count it),
-    # and the compute by batch size.
+    # Seconds in all: the items' waits in the queue, the compute counted once per item
+    # (as the Open Inference Protocol's statistics count it), and by batch size.
     queue_seconds: float = 0.0
-    compute_seconds: float = 0.0
     item_compute_seconds: float = 0.0
     compute_seconds_by_size: defaultdict[int, float] = field(
         default_factory=lambda: defaultdict(float)
@@ -109,7 +107,6 @@ class Events(BatcherObserver):
         stats.batches_done += 1
         stats.items_done += len(queue_waits)
         stats.queue_seconds += sum(queue_waits)
-        stats.compute_seconds += compute_seconds
         stats.item_compute_seconds += compute_seconds * len(queue_waits)
         stats.compute_seconds_by_size[len(queue_waits)] += compute_seconds
         stats.last_done = time.time()

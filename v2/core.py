@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from batching import DeadlineExceeded, TooLate
-from serving import Engine, InputError
+from serving import Engine, InputError, NotReady
 from serving.service import Duration, TaskService
 from serving.tensors import TensorSpec, text_tensor
 from v2.tensors import Tensor
@@ -75,6 +75,18 @@ def _why_unavailable(service: TaskService) -> str | None:
             f"task {service.name!r} declares no tensor form (serving.Task.tensor_form);"
             f" use POST /{service.name}"
         )
+    return None
+
+
+def model_not_ready(engine: Engine, service: TaskService) -> NotReady | None:
+    """Why the model cannot answer now (the process cannot serve, or the model is still
+    warming up), or None when it can."""
+    if (reason := engine.liveness()) is not None:
+        return NotReady(reason)
+    try:
+        service.require_warm()
+    except NotReady as exc:
+        return exc
     return None
 
 
@@ -267,15 +279,20 @@ def _check_inputs(specs: tuple[TensorSpec, ...], inputs: list[Tensor], max_rows:
     return count
 
 
+def _is_count(value: Any) -> bool:
+    """Whether a parameter's value is a whole number of at least 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _timeout(value: Any) -> float | None:
     """The ``timeout`` parameter, in microseconds, as seconds."""
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not _is_count(value):
         raise InputError(
             f"parameter 'timeout' must be a positive number of microseconds, got {value!r}"
         )
-    return value / 1e6
+    return float(value) / 1e6
 
 
 def _classification(
@@ -292,7 +309,7 @@ def _classification(
         count = requested.parameters.get("classification")
         if count is None:
             continue
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        if not _is_count(count):
             raise InputError(f"output {requested.name!r}: classification must be a count >= 1")
         counts[requested.name] = count
     if counts:

@@ -150,8 +150,7 @@ class InferenceService:
 
     async def model_ready(self, request: Any, context: Any) -> Any:
         service = core.find(self.engine, request.name, request.version)
-        ready = self.engine.liveness() is None and service.warmed_up.is_set()
-        return pb.ModelReadyResponse(ready=ready)
+        return pb.ModelReadyResponse(ready=core.model_not_ready(self.engine, service) is None)
 
     async def server_metadata(self, request: Any, context: Any) -> Any:
         metadata = core.server_metadata(self.engine)
@@ -179,20 +178,18 @@ class InferenceService:
         """Admits, then reads and answers one request; a refusal reads nothing. A
         ``paced`` call that comes back on a refused connection before its retry hint
         waits out the rest of it first, as over HTTP (serving/admission.py)."""
-        engine = self.engine
-        if request.model_name in engine.services and request.model_version in ("", core.VERSION):
-            loop = asyncio.get_running_loop()
-            arrived_at = loop.time()
-            peer = context.peer() if paced else None
-            if peer is not None and (wait := self.pacing.wait(peer, arrived_at)):
-                await asyncio.sleep(wait)
-            refusal: Refusal | None = engine.admit(request.model_name, arrived_at)
-            if refusal is not None:
-                if peer is not None:
-                    now = loop.time()
-                    self.pacing.refused(peer, now + refusal.hold_s, now)
-                raise refusal.error
-        service = core.find(engine, request.model_name, request.model_version)
+        service = core.find(self.engine, request.model_name, request.model_version)
+        loop = asyncio.get_running_loop()
+        arrived_at = loop.time()
+        peer = context.peer() if paced else None
+        if peer is not None and (wait := self.pacing.wait(peer, arrived_at)):
+            await asyncio.sleep(wait)
+        refusal: Refusal | None = self.engine.admit(service.name, arrived_at)
+        if refusal is not None:
+            if peer is not None:
+                now = loop.time()
+                self.pacing.refused(peer, now + refusal.hold_s, now)
+            raise refusal.error
         infer_request = read_request(request)
         remaining = context.time_remaining()
         if remaining is not None:

@@ -9,6 +9,7 @@ unknown model, 413 too large, 503 with Retry-After, 504 past the deadline.
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,7 +19,7 @@ from api.deps import EngineDep
 from api.disconnect import cancel_on_disconnect
 from api.errors import ClientDisconnected, error_response
 from api.payloads import PARSE_INLINE_BYTES, gathered
-from serving import InputError, NotReady
+from serving import Engine, InputError, NotReady
 from v2 import core
 from v2.core import InferRequest, InferResponse, Requested
 from v2.tensors import Tensor, check_header, from_list, from_raw, to_list, to_raw
@@ -70,36 +71,34 @@ def _model_routes(suffix: str, handler: Any, methods: list[str]) -> None:
         router.add_api_route(prefix + suffix, handler, methods=methods)
 
 
-async def model_metadata(engine: EngineDep, name: str, version: str = "") -> Response:
+def _answer(make: Callable[[], Any]) -> Response:
+    """``make()``'s JSON, or the protocol's answer for the error it raised."""
     try:
-        return JSONResponse(core.model_metadata(core.find(engine, name, version)))
+        return JSONResponse(make())
     except Exception as exc:
         return _error(exc)
+
+
+async def model_metadata(engine: EngineDep, name: str, version: str = "") -> Response:
+    return _answer(lambda: core.model_metadata(core.find(engine, name, version)))
+
+
+def _ready(engine: Engine, name: str, version: str) -> dict[str, Any]:
+    if (not_ready := core.model_not_ready(engine, core.find(engine, name, version))) is not None:
+        raise not_ready
+    return {"name": name, "ready": True}
 
 
 async def model_ready(engine: EngineDep, name: str, version: str = "") -> Response:
-    try:
-        service = core.find(engine, name, version)
-        if (reason := engine.liveness()) is not None:
-            raise NotReady(reason)
-        service.require_warm()
-    except Exception as exc:
-        return _error(exc)
-    return JSONResponse({"name": name, "ready": True})
+    return _answer(lambda: _ready(engine, name, version))
 
 
 async def model_config(engine: EngineDep, name: str, version: str = "") -> Response:
-    try:
-        return JSONResponse(core.model_config(core.find(engine, name, version)))
-    except Exception as exc:
-        return _error(exc)
+    return _answer(lambda: core.model_config(core.find(engine, name, version)))
 
 
 async def model_statistics(engine: EngineDep, name: str, version: str = "") -> Response:
-    try:
-        return JSONResponse(core.statistics(engine, name, version))
-    except Exception as exc:
-        return _error(exc)
+    return _answer(lambda: core.statistics(engine, name, version))
 
 
 async def model_infer(
