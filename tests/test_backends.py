@@ -236,7 +236,7 @@ def test_a_call_beside_a_running_one_uses_the_single_threaded_session(cache_dir:
     batch = np.stack([classifier.prepare(photo_bytes("coffee"), max_pixels=10**8)])
     expected = backend.forward(batch)
 
-    alone, entered, release = backend._alone, threading.Event(), threading.Event()
+    alone, entered, release = backend.sessions.alone, threading.Event(), threading.Event()
 
     class Held:
         """The two-threaded session, held mid-call until released."""
@@ -246,7 +246,7 @@ def test_a_call_beside_a_running_one_uses_the_single_threaded_session(cache_dir:
             assert release.wait(30)
             return alone.run(*args)
 
-    backend._alone = Held()  # type: ignore[assignment]
+    backend.sessions.alone = Held()
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(backend.forward, batch)
         assert entered.wait(30)
@@ -255,5 +255,5 @@ def test_a_call_beside_a_running_one_uses_the_single_threaded_session(cache_dir:
         assert not first.done()
         release.set()
         assert torch.equal(first.result(timeout=30), expected)
-    backend._alone = alone
+    backend.sessions.alone = alone
     assert torch.equal(backend.forward(batch), expected)  # alone again: two threads
