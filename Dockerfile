@@ -29,6 +29,7 @@ COPY serving/ serving/
 COPY examples/ examples/
 COPY web/ web/
 COPY v2/ v2/
+COPY repository/ repository/
 # The gRPC messages, compiled from v2/proto/ now rather than on the first start.
 RUN python -m v2.stubs
 

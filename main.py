@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from contextlib import asynccontextmanager, contextmanager
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
@@ -24,10 +24,13 @@ from api.routes import health, jobs, metadata, metrics
 from api.routes.docs import docs_router
 from api.routes.page import page_router, read_page
 from api.routes.tasks import task_router
-from serving import Engine
-from serving.registry import load_tasks
+from serving import Engine, Task
+from serving.registry import RESERVED, load_tasks
 from settings import ConfigError, Settings, get_settings
 from v2 import http as v2_http
+
+if TYPE_CHECKING:
+    from repository import RepositoryModel
 
 logger = logging.getLogger("server")
 
@@ -145,7 +148,9 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
     failed warm-up, a dead batcher) instead of living on unready; tests that run the app
     in-process turn it off."""
     settings = settings or get_settings()
-    tasks = load_tasks(settings.tasks)
+    configure_logging(settings)
+    tasks = load_tasks(settings.tasks, allow_empty=settings.model_repository is not None)
+    models, set_aside = read_repository(settings, tasks)
     page = read_page(settings.web_dir)
 
     @asynccontextmanager
@@ -161,7 +166,8 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
         grpc: Any = None
         try:
             try:
-                await engine.start(tasks)
+                engine.failed.update({name: {"": reason} for name, reason in set_aside.items()})
+                await engine.start(tasks, models)
                 if settings.grpc_port:
                     from v2 import grpc_server  # compiles its messages on first import
 
@@ -177,9 +183,13 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
                 await grpc.stop(settings.connection_grace_s)
             await engine.stop()
 
-    configure_logging(settings)
-    routes = {f"/{task.name}": task.name for task in tasks}
-    protocol_routes = {path: task.name for task in tasks for path in v2_http.infer_paths(task.name)}
+    served: list[Task[Any, Any]] = [*tasks, *models]
+    # One route per name: a repository model's newest version stands for its versions.
+    routes_by_name = {task.name: task for task in sorted(served, key=_version_order)}
+    routes = {f"/{task.name}": task.name for task in served}
+    protocol_routes = {
+        path: task.name for task in served for path in v2_http.infer_paths(task.name, task.version)
+    }
     app = ServingApp(
         {**routes, **protocol_routes},
         frozenset(protocol_routes),
@@ -196,18 +206,38 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
         max_bytes=settings.max_upload_bytes,
         per_path={
             path: (settings.max_job_bytes, "MAX_JOB_BYTES")
-            for path in ["/jobs", *(f"/{task.name}/jobs" for task in tasks)]
+            for path in ["/jobs", *(f"/{name}/jobs" for name in routes_by_name)]
         },
     )
     app.add_middleware(AccessLogMiddleware)
     install_error_handlers(app)
-    for task in tasks:
+    for task in routes_by_name.values():
         app.include_router(task_router(task))
     for router in (jobs.router, health.router, metadata.router, metrics.router, v2_http.router):
         app.include_router(router)
     app.include_router(page_router(page))
     app.include_router(docs_router(TITLE))
     return app
+
+
+def read_repository(
+    settings: Settings, tasks: list[Task[Any, Any]]
+) -> tuple[list["RepositoryModel"], dict[str, str]]:
+    """The tasks of MODEL_REPOSITORY's models, one per version served, and the models set
+    aside with why; none without it. Raises ValueError when it is not a folder."""
+    if settings.model_repository is None:
+        return [], {}
+    from repository import repository_models
+
+    reserved = RESERVED | {task.name for task in tasks}
+    models, set_aside = repository_models(settings.model_repository, reserved)
+    for name, reason in set_aside.items():
+        logger.error("model %s of MODEL_REPOSITORY is not served: %s", name, reason)
+    return models, set_aside
+
+
+def _version_order(task: Task[Any, Any]) -> int:
+    return int(task.version) if task.version.isdigit() else 0
 
 
 def run() -> None:

@@ -61,8 +61,10 @@ class Settings(BaseSettings):
 
     tasks: str = Field(
         "classification.task:ImageClassification",
-        min_length=1,
         description="Tasks served, as package.module:Class, comma-separated; each is POST /{name}.",
+    )
+    model_repository: Path | None = Field(
+        None, description="A folder of model files in Triton's layout, each served as a model."
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     model_cache_dir: Path = Field(

@@ -12,9 +12,8 @@ from starlette.requests import ClientDisconnect
 
 from batching import BatcherClosed, DeadlineExceeded, QueueFull
 from jobs import IdempotencyConflict, StoreFull, StoreUnavailable
-from serving import InferenceFailed, InputError, NotReady
+from serving import InferenceFailed, InputError, ModelNotFound, NotReady
 from serving.admission import RETRY_AFTER_S
-from v2.core import ModelNotFound
 
 
 class BodyTooLarge(Exception):

@@ -3,7 +3,7 @@
 import asyncio
 import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from batching import BatcherClosed, QueueFull
@@ -20,7 +20,7 @@ from jobs import (
 from jobs.runner import DescribeError
 from serving.admission import Refusal
 from serving.device import device_type, limit_threads, resolve_device
-from serving.errors import NotReady
+from serving.errors import ModelNotFound, NotReady
 from serving.registry import load_tasks
 from serving.service import DecodePools, TaskService
 from serving.task import LoadContext, Task
@@ -80,7 +80,11 @@ class Engine:
         ready."""
         self.settings = settings
         self._on_ready = on_ready
+        # Each task by name; a repository model by name at its newest version served.
         self.services: dict[str, TaskService] = {}
+        self.versions: dict[str, dict[str, TaskService]] = {}  # every version, by name
+        # The repository's models and versions that could not be loaded, with why.
+        self.failed: dict[str, dict[str, str]] = {}
         self.stopping = asyncio.Event()
         self.warmed_up = asyncio.Event()  # every task
         self.failure: str | None = None
@@ -101,12 +105,41 @@ class Engine:
     @property
     def primary(self) -> TaskService:
         """The first task in TASKS: /jobs without a task, and /metadata's top level."""
+        if not self.services:
+            raise NotReady("this server serves no model: set TASKS, or fix MODEL_REPOSITORY")
         return next(iter(self.services.values()))
 
-    async def start(self, tasks: list[Task[Any, Any]] | None = None) -> None:
-        """Loads every task, starts its batcher, and warms up in the background.
+    def all_services(self) -> list[TaskService]:
+        """Every task and every version of every model."""
+        return [service for versions in self.versions.values() for service in versions.values()]
 
-        Raises ValueError naming the setting when a task cannot be loaded.
+    def service(self, name: str, version: str = "") -> TaskService:
+        """The task or model ``name``, at ``version`` ("": its newest). Raises ModelNotFound
+        naming what is served, or why that model did not load."""
+        versions = self.versions.get(name)
+        failed = self.failed.get(name, {})
+        if versions is None or (version and version not in versions):
+            if version in failed or (not version and failed):
+                reason = failed.get(version) or next(iter(failed.values()))
+                raise ModelNotFound(f"model {name!r} is not available: {reason}")
+            if versions is None:
+                served = ", ".join(map(repr, self.versions)) or "no model"
+                raise ModelNotFound(f"unknown model {name!r}; this server serves {served}")
+            served = sorted(versions, key=_version_order)
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r}; it serves"
+                f" version{'s' if len(served) > 1 else ''} {', '.join(served)}"
+            )
+        return versions[version] if version else self.services[name]
+
+    async def start(
+        self, tasks: list[Task[Any, Any]] | None = None, models: Sequence[Task[Any, Any]] = ()
+    ) -> None:
+        """Loads every task, and every version of the repository's ``models``; starts their
+        batchers, and warms up in the background.
+
+        Raises ValueError naming the setting when a task cannot be loaded. A model that
+        cannot be loaded is set aside in ``failed``, with the reason in the log.
         """
         settings = self.settings
         self._loop = asyncio.get_running_loop()
@@ -115,21 +148,36 @@ class Engine:
         device = resolve_device(settings.device)
         context = LoadContext(
             device=device,
-            threads=max(1, settings.intra_op_threads // len(tasks)),
+            threads=max(1, settings.intra_op_threads // max(1, len(tasks) + len(models))),
             cache_dir=settings.model_cache_dir,
         )
         for task in tasks:
             await asyncio.to_thread(task.load, context)
+        loaded = list(tasks)
+        for model in models:
+            try:
+                await asyncio.to_thread(model.load, context)
+            except Exception as exc:  # any file may be broken: that model only is set aside
+                reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                logger.error(
+                    "model %s version %s is not served: %s", model.name, model.version, reason
+                )
+                self.failed.setdefault(model.name, {})[model.version] = reason
+                continue
+            loaded.append(model)
         on = device_type(device)
         if not settings.job_concurrency and on == "cuda":
             # A GPU batch costs little more than one item: let job items fill big batches.
             self.jobs.concurrency = 2 * settings.batch_size_ceiling
-        light = all(task.light_model() for task in tasks)
+        light = bool(loaded) and all(task.light_model() for task in loaded)
         self._pools = DecodePools(settings.decode_threads(on, light_model=light))
-        for task in tasks:
+        for task in loaded:
             service = TaskService(task, settings, self._pools, on_crash=self._batcher_crashed)
             service.batcher.start()
-            self.services[task.name] = service
+            self.versions.setdefault(task.name, {})[task.version] = service
+            newest = self.services.get(task.name)
+            if newest is None or _version_order(task.version) > _version_order(newest.version):
+                self.services[task.name] = service
         if self.jobs_disabled:
             logger.warning("%s", self.jobs_disabled)
         else:
@@ -138,7 +186,7 @@ class Engine:
         self._warmup_task.add_done_callback(self._on_warmup_done)
 
     async def _warm_up(self) -> None:
-        for service in self.services.values():
+        for service in self.all_services():
             await service.warm_up()
         # What is alive now (the libraries, the models) lives as long as the process.
         # Frozen, the garbage collector stops walking it: a full collection of a process
@@ -213,7 +261,7 @@ class Engine:
             self._warmup_task.cancel()
             await asyncio.wait([self._warmup_task])
         left = max(0.0, drain_until - self._loop.time())
-        await asyncio.gather(*(s.batcher.stop(left) for s in self.services.values()))
+        await asyncio.gather(*(s.batcher.stop(left) for s in self.all_services()))
         if self._pools is not None:
             self._pools.shutdown()
         gc.unfreeze()  # the models may go now (a process that starts another engine)
@@ -225,9 +273,11 @@ class Engine:
         try:
             if (reason := self.liveness()) is not None:
                 raise NotReady(reason)
-            self.services[task].admit(arrived_at)
+            self.service(task).admit(arrived_at)
         except (NotReady, QueueFull) as exc:
             return Refusal(exc)
+        except ModelNotFound:
+            return None  # not a matter of load: the route answers 404, naming why
         return None
 
     def liveness(self) -> str | None:
@@ -253,7 +303,7 @@ class Engine:
         """The first task's entries at the top level, every task's under ``tasks``."""
         settings = self.settings
         tasks = {name: service.metadata() for name, service in self.services.items()}
-        primary = tasks[self.primary.name] if tasks else {}
+        primary = next(iter(tasks.values()), {})
         return {
             **primary,
             "ready": self.readiness() is None,
@@ -268,3 +318,7 @@ class Engine:
                 "max_job_bytes": settings.max_job_bytes,
             },
         }
+
+
+def _version_order(version: str) -> int:
+    return int(version) if version.isdigit() else 0

@@ -7,3 +7,8 @@ class NotReady(Exception):
 
 class InferenceFailed(Exception):
     """The model raised while computing this request's batch; the batcher logged it."""
+
+
+class ModelNotFound(Exception):
+    """No model of that name, no such version of it, or one that failed to load: 404
+    (NOT_FOUND over gRPC)."""

@@ -7,7 +7,9 @@ from serving.task import Task, check_task
 DEFAULT_TASKS = "classification.task:ImageClassification"
 
 # Names the server's own routes already use.
-_RESERVED = frozenset({"jobs", "health", "metadata", "metrics", "docs", "redoc", "openapi"})
+RESERVED = frozenset(
+    {"jobs", "health", "metadata", "metrics", "docs", "redoc", "openapi", "v2", "web"}
+)
 
 
 def _tasks_in(module: object) -> str:
@@ -23,7 +25,7 @@ def _tasks_in(module: object) -> str:
     return ", ".join(sorted(names))
 
 
-def load_tasks(spec: str) -> list[Task[object, object]]:
+def load_tasks(spec: str, *, allow_empty: bool = False) -> list[Task[object, object]]:
     """One instance of each class in ``spec`` (``package.module:Class``, comma-separated).
 
     Raises ValueError naming TASKS and the entry at fault: an import that fails, a class
@@ -49,13 +51,15 @@ def load_tasks(spec: str) -> list[Task[object, object]]:
             )
         check_task(task_class, entry)
         name = task_class.name
-        if name in _RESERVED:
+        if name in RESERVED:
             raise ValueError(f"TASKS entry {entry!r}: the name {name!r} is a built-in route")
         if any(task.name == name for task in tasks):
             raise ValueError(f"TASKS names {name!r} twice; each task needs its own name")
         task = task_class()
         task.settings  # noqa: B018 -- read now, so that a bad value stops startup
         tasks.append(task)
-    if not tasks:
-        raise ValueError("TASKS is empty: name at least one package.module:Class")
+    if not tasks and not allow_empty:
+        raise ValueError(
+            "TASKS is empty: name at least one package.module:Class, or set MODEL_REPOSITORY"
+        )
     return tasks

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from batching import BatcherError, DeadlineExceeded, MicroBatcher, QueueFull, RunningMean
 from serving.errors import InferenceFailed, NotReady
 from serving.metrics import PrometheusObserver
-from serving.task import InputError, Payload, Task
+from serving.task import InputError, Payload, ServingOverrides, Task
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,8 @@ class TaskService:
     ) -> None:
         self.task = task
         self.name = task.name
-        self.settings = settings
+        self.version = task.version
+        self.settings = settings = with_overrides(settings, task.serving_overrides())
         self.pools = pools
         self.warmed_up = asyncio.Event()
         self.warmup_report: dict[str, Any] = {}
@@ -269,6 +270,21 @@ class TaskService:
                 "rejected_full": self.decode_rejected_full,
             },
         }
+
+
+def with_overrides(settings: Settings, overrides: ServingOverrides) -> Settings:
+    """The server's settings as one task sees them, with the task's own limits."""
+    update: dict[str, Any] = {
+        key: value
+        for key in ("max_batch_delay_ms", "timeout", "max_queue_size")
+        if (value := getattr(overrides, key)) is not None
+    }
+    if (cap := overrides.max_batch_size) is not None:
+        if settings.max_batch_size == "auto":
+            update["max_batch_size_limit"] = min(settings.max_batch_size_limit, cap)
+        else:
+            update["max_batch_size"] = min(settings.max_batch_size, cap)
+    return settings.model_copy(update=update) if update else settings
 
 
 def _jsonable(answer: Any) -> Any:

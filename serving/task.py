@@ -54,6 +54,18 @@ class LoadContext:
     cache_dir: Path
 
 
+@dataclass(frozen=True)
+class ServingOverrides:
+    """A task's own limits where they differ from the server's settings (None: the
+    setting's): the largest batch (a cap on MAX_BATCH_SIZE, or on what ``auto`` tries),
+    MAX_BATCH_DELAY_MS, TIMEOUT and MAX_QUEUE_SIZE."""
+
+    max_batch_size: int | None = None
+    max_batch_delay_ms: float | None = None
+    timeout: float | None = None
+    max_queue_size: int | None = None
+
+
 class NoOptions(BaseModel):
     """The options of a task that takes none."""
 
@@ -84,6 +96,7 @@ class Task(Generic[Item, Result]):
     """
 
     name: ClassVar[str]
+    version: ClassVar[str] = "1"  # over the Open Inference Protocol
     Settings: ClassVar[type[TaskSettings]] = NoSettings
     Options: ClassVar[type[BaseModel]] = NoOptions
     Response: ClassVar[type[BaseModel] | None] = None
@@ -159,6 +172,15 @@ class Task(Generic[Item, Result]):
     def describe(self) -> dict[str, Any]:
         """What /metadata shows about the task and its model."""
         return {}
+
+    def serving_overrides(self) -> ServingOverrides:
+        """Limits of this task's own, called after ``load``: none by default."""
+        return ServingOverrides()
+
+    def model_config(self) -> dict[str, Any] | None:
+        """The task's model as a Triton ModelConfig (JSON), for /v2/models/{name}/config;
+        None: derived from its tensor form and batcher."""
+        return None
 
     def tensor_form(self) -> "TensorForm | None":
         """The task's inputs and outputs over the Open Inference Protocol, or None: it is

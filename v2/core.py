@@ -17,17 +17,18 @@ from v2.tensors import Tensor
 
 SERVER_NAME = "micro-batching-inference-server"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["classification", "model_configuration", "statistics", "binary_tensor_data"]
-VERSION = "1"  # each task is one model of one version
+EXTENSIONS = [
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+    "binary_tensor_data",
+]
 # Request parameters the protocol itself reads; the others go to the task's options.
 TIMEOUT, PRIORITY = "timeout", "priority"
 _TRANSPORT_PARAMETERS = {"binary_data_output", "binary_data", "binary_data_size"}
 # Triton's priority levels: 0 is the default, 1 the most urgent, larger numbers later.
 BACKGROUND_PRIORITY = 2
-
-
-class ModelNotFound(Exception):
-    """No model of that name, or no such version of it: 404, NOT_FOUND."""
 
 
 @dataclass
@@ -54,19 +55,12 @@ class InferResponse:
     model: str
     id: str
     outputs: list[Tensor]
-    version: str = VERSION
+    version: str
 
 
 def find(engine: Engine, name: str, version: str = "") -> TaskService:
     """The task serving model ``name`` (at ``version``, "" for the newest)."""
-    service = engine.services.get(name)
-    if service is None:
-        raise ModelNotFound(
-            f"unknown model {name!r}; this server serves {', '.join(map(repr, engine.services))}"
-        )
-    if version not in ("", VERSION):
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; it serves version 1")
-    return service
+    return engine.service(name, version)
 
 
 def _why_unavailable(service: TaskService) -> str | None:
@@ -96,6 +90,9 @@ def server_metadata(engine: Engine) -> dict[str, Any]:
     for service in engine.services.values():
         reason = _why_unavailable(service)
         models.append({"name": service.name, "available": reason is None, "reason": reason})
+    for name, failed in engine.failed.items():
+        if name not in engine.services:
+            models.append({"name": name, "available": False, "reason": next(iter(failed.values()))})
     return {
         "name": SERVER_NAME,
         "version": SERVER_VERSION,
@@ -104,18 +101,37 @@ def server_metadata(engine: Engine) -> dict[str, Any]:
     }
 
 
+def repository_index(engine: Engine, ready_only: bool = False) -> list[dict[str, str]]:
+    """Every model and version, with its state (Triton's repository extension): READY,
+    LOADING while it warms up, or UNAVAILABLE with the reason it did not load."""
+    index = []
+    for service in engine.all_services():
+        state = "READY" if service.warmed_up.is_set() else "LOADING"
+        index.append({"name": service.name, "version": service.version, "state": state})
+    if not ready_only:
+        for name, failed in engine.failed.items():
+            for version, reason in failed.items():
+                index.append(
+                    {"name": name, "version": version, "state": "UNAVAILABLE", "reason": reason}
+                )
+    if ready_only:
+        index = [entry for entry in index if entry["state"] == "READY"]
+    return sorted(index, key=lambda e: (e["name"], len(e["version"]), e["version"]))
+
+
 def _form(service: TaskService) -> Any:
     if (reason := _why_unavailable(service)) is not None:
         raise InputError(f"model {service.name!r} is not available over this protocol: {reason}")
     return service.tensor_form
 
 
-def model_metadata(service: TaskService) -> dict[str, Any]:
+def model_metadata(engine: Engine, service: TaskService) -> dict[str, Any]:
     form = _form(service)
+    own = service.task.model_config() or {}
     return {
         "name": service.name,
-        "versions": [VERSION],
-        "platform": "serving_task",
+        "versions": sorted(engine.versions[service.name], key=lambda v: (len(v), v)),
+        "platform": own.get("platform") or own.get("backend") or "serving_task",
         "inputs": [spec.as_dict() for spec in form.inputs],
         "outputs": [spec.as_dict() for spec in form.outputs],
     }
@@ -130,6 +146,11 @@ def model_config(service: TaskService) -> dict[str, Any]:
     """The model as a Triton ModelConfig: one batcher, batches up to its size."""
     form = _form(service)
     size = service.batcher.max_batch_size
+    own = service.task.model_config()
+    if own is not None:  # a repository model's config.pbtxt, completed
+        batching = own.setdefault("dynamic_batching", {})
+        batching.setdefault("max_queue_delay_microseconds", _delay_us(service))
+        return {**own, "max_batch_size": own.get("max_batch_size") or size}
     return {
         "name": service.name,
         "platform": "",
@@ -139,9 +160,13 @@ def model_config(service: TaskService) -> dict[str, Any]:
         "output": [_config_tensor(spec) for spec in form.outputs],
         "dynamic_batching": {
             "preferred_batch_size": [size],
-            "max_queue_delay_microseconds": round(service.settings.max_batch_delay_ms * 1000),
+            "max_queue_delay_microseconds": _delay_us(service),
         },
     }
+
+
+def _delay_us(service: TaskService) -> int:
+    return round(service.settings.max_batch_delay_ms * 1000)
 
 
 def _duration(count: int, seconds: float) -> dict[str, int]:
@@ -161,7 +186,7 @@ def model_statistics(service: TaskService) -> dict[str, Any]:
     zero = _duration(0, 0.0)
     return {
         "name": service.name,
-        "version": VERSION,
+        "version": service.version,
         "last_inference": round(stats.last_done * 1000) if stats.last_done else 0,
         "inference_count": stats.items_done,
         "execution_count": stats.batches_done,
@@ -188,7 +213,7 @@ def model_statistics(service: TaskService) -> dict[str, Any]:
 
 
 def statistics(engine: Engine, name: str = "", version: str = "") -> dict[str, Any]:
-    services = [find(engine, name, version)] if name else list(engine.services.values())
+    services = [find(engine, name, version)] if name else engine.all_services()
     return {"model_stats": [model_statistics(service) for service in services]}
 
 
@@ -252,7 +277,7 @@ async def _infer(service: TaskService, request: InferRequest, max_rows: int) -> 
         spec = declared[requested.name]
         outputs.append(Tensor(spec.name, spec.datatype, data.shape, data, requested.parameters))
     service.requests.encode.add(time.perf_counter() - encoding)
-    return InferResponse(service.name, request.id, outputs)
+    return InferResponse(service.name, request.id, outputs, service.version)
 
 
 def _check_inputs(specs: tuple[TensorSpec, ...], inputs: list[Tensor], max_rows: int) -> int:

@@ -160,7 +160,9 @@ class InferenceService:
 
     async def model_metadata(self, request: Any, context: Any) -> Any:
         service = core.find(self.engine, request.name, request.version)
-        return json_format.ParseDict(core.model_metadata(service), pb.ModelMetadataResponse())
+        return json_format.ParseDict(
+            core.model_metadata(self.engine, service), pb.ModelMetadataResponse()
+        )
 
     async def model_config(self, request: Any, context: Any) -> Any:
         service = core.find(self.engine, request.name, request.version)
@@ -170,6 +172,10 @@ class InferenceService:
     async def model_statistics(self, request: Any, context: Any) -> Any:
         statistics = core.statistics(self.engine, request.name, request.version)
         return json_format.ParseDict(statistics, pb.ModelStatisticsResponse())
+
+    async def repository_index(self, request: Any, context: Any) -> Any:
+        index = core.repository_index(self.engine, request.ready)
+        return json_format.ParseDict({"models": index}, pb.RepositoryIndexResponse())
 
     async def model_infer(self, request: Any, context: Any) -> Any:
         return await self._infer(request, context, paced=True)
@@ -271,6 +277,12 @@ METHODS: dict[str, tuple[str, str, str, bool]] = {
         "model_statistics",
         "ModelStatisticsRequest",
         "ModelStatisticsResponse",
+        False,
+    ),
+    "RepositoryIndex": (
+        "repository_index",
+        "RepositoryIndexRequest",
+        "RepositoryIndexResponse",
         False,
     ),
 }

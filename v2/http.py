@@ -30,9 +30,9 @@ HEADER_LENGTH = "inference-header-content-length"
 router = APIRouter(prefix="/v2", include_in_schema=False)
 
 
-def infer_paths(task: str) -> list[str]:
+def infer_paths(task: str, version: str) -> list[str]:
     """The paths of a task's infer route, for the door to judge before the body."""
-    return [f"/v2/models/{task}/infer", f"/v2/models/{task}/versions/{core.VERSION}/infer"]
+    return [f"/v2/models/{task}/infer", f"/v2/models/{task}/versions/{version}/infer"]
 
 
 def _error(exc: BaseException) -> Response:
@@ -61,6 +61,18 @@ async def ready(engine: EngineDep) -> Response:
     return JSONResponse({"ready": True})
 
 
+@router.post("/repository/index")
+async def repository_index(request: Request, engine: EngineDep) -> Response:
+    body = await gathered(request)
+    try:
+        options = json.loads(body) if body.strip() else {}
+    except ValueError:
+        options = None
+    if not isinstance(options, dict):
+        return _error(InputError('send a JSON object, {"ready": true} or {}'))
+    return JSONResponse(core.repository_index(engine, bool(options.get("ready"))))
+
+
 @router.get("/models/stats")
 async def all_statistics(engine: EngineDep) -> JSONResponse:
     return JSONResponse(core.statistics(engine))
@@ -80,7 +92,7 @@ def _answer(make: Callable[[], Any]) -> Response:
 
 
 async def model_metadata(engine: EngineDep, name: str, version: str = "") -> Response:
-    return _answer(lambda: core.model_metadata(core.find(engine, name, version)))
+    return _answer(lambda: core.model_metadata(engine, core.find(engine, name, version)))
 
 
 def _ready(engine: Engine, name: str, version: str) -> dict[str, Any]:

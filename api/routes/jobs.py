@@ -65,7 +65,7 @@ async def create_job(
     engine.require_ready()
     settings = engine.settings
     declared = request.headers.get("content-length", "")
-    task_object = engine.services[task].task
+    task_object = engine.service(task).task
     if options is None:
         options = job_options(task_object, request.query_params)
     chosen = options.model_dump(mode="json", exclude_defaults=True)

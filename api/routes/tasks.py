@@ -83,7 +83,7 @@ def task_router(task: Task[Any, Any]) -> APIRouter:
         engine: EngineDep,
         options: Annotated[Options, Query()],  # type: ignore[valid-type]
     ) -> Any:
-        service = engine.services[name]
+        service = engine.service(name)
         # Admitted at the door (api/door.py) before the upload was read. TIMEOUT
         # counts from the end of the body, so a slow link does not use it up, and the
         # service admits the request again with that deadline.
