@@ -23,7 +23,7 @@ from api.protocol import server_options
 from api.routes import health, jobs, metadata, metrics
 from api.routes.docs import docs_router
 from api.routes.page import page_router, read_page
-from api.routes.tasks import task_router
+from api.routes.tasks import late_models_router, task_router
 from serving import Engine, Task
 from serving.registry import RESERVED, load_tasks
 from settings import ConfigError, Settings, get_settings
@@ -150,7 +150,8 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
     settings = settings or get_settings()
     configure_logging(settings)
     tasks = load_tasks(settings.tasks, allow_empty=settings.model_repository is not None)
-    models, set_aside = read_repository(settings, tasks)
+    reserved = RESERVED | {task.name for task in tasks}
+    models, set_aside = read_repository(settings, reserved)
     page = read_page(settings.web_dir)
 
     @asynccontextmanager
@@ -168,6 +169,13 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
             try:
                 engine.failed.update({name: {"": reason} for name, reason in set_aside.items()})
                 await engine.start(tasks, models)
+                if settings.model_repository is not None:
+                    from repository.control import RepositoryControl
+
+                    control = RepositoryControl(engine, settings.model_repository, reserved, models)
+                    engine.repository = control
+                    if settings.model_control == "poll":
+                        control.start_polling(settings.model_poll_s)
                 if settings.grpc_port:
                     from v2 import grpc_server  # compiles its messages on first import
 
@@ -181,6 +189,8 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
         finally:
             if grpc is not None:
                 await grpc.stop(settings.connection_grace_s)
+            if engine.repository is not None:
+                await engine.repository.stop()
             await engine.stop()
 
     served: list[Task[Any, Any]] = [*tasks, *models]
@@ -215,13 +225,15 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
         app.include_router(task_router(task))
     for router in (jobs.router, health.router, metadata.router, metrics.router, v2_http.router):
         app.include_router(router)
+    if settings.model_control != "none":  # models may appear after startup
+        app.include_router(late_models_router())
     app.include_router(page_router(page))
     app.include_router(docs_router(TITLE))
     return app
 
 
 def read_repository(
-    settings: Settings, tasks: list[Task[Any, Any]]
+    settings: Settings, reserved: frozenset[str]
 ) -> tuple[list["RepositoryModel"], dict[str, str]]:
     """The tasks of MODEL_REPOSITORY's models, one per version served, and the models set
     aside with why; none without it. Raises ValueError when it is not a folder."""
@@ -229,7 +241,6 @@ def read_repository(
         return [], {}
     from repository import repository_models
 
-    reserved = RESERVED | {task.name for task in tasks}
     models, set_aside = repository_models(settings.model_repository, reserved)
     for name, reason in set_aside.items():
         logger.error("model %s of MODEL_REPOSITORY is not served: %s", name, reason)

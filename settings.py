@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     model_repository: Path | None = Field(
         None, description="A folder of model files in Triton's layout, each served as a model."
     )
+    model_control: Literal["none", "poll", "explicit"] = Field(
+        "none", description="How served models follow MODEL_REPOSITORY once running."
+    )
+    model_poll_s: float = Field(
+        5.0, gt=0, description="Seconds between reads of MODEL_CONTROL=poll."
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     model_cache_dir: Path = Field(
         Path(".model-cache"), description="Where ONNX exports and int8 models are kept."
@@ -187,6 +193,16 @@ class Settings(BaseSettings):
         if self.max_batch_size != "auto" and not 1 <= self.max_batch_size <= 1024:
             raise ValueError(
                 f"MAX_BATCH_SIZE='{self.max_batch_size}' must be auto or an integer from 1 to 1024"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _explicit_control_in_one_process(self) -> "Settings":
+        if self.model_control == "explicit" and self.workers > 1:
+            raise ValueError(
+                f"MODEL_CONTROL=explicit with WORKERS={self.workers}: a load or unload request"
+                " reaches one worker, and the others would go on serving what they had; use"
+                " MODEL_CONTROL=poll (every worker follows the files), or WORKERS=1"
             )
         return self
 

@@ -12,8 +12,10 @@ from starlette.requests import ClientDisconnect
 
 from batching import BatcherClosed, DeadlineExceeded, QueueFull
 from jobs import IdempotencyConflict, StoreFull, StoreUnavailable
+from repository.layout import ModelLoadError
 from serving import InferenceFailed, InputError, ModelNotFound, NotReady
 from serving.admission import RETRY_AFTER_S
+from v2.core import ControlRefused
 
 
 class BodyTooLarge(Exception):
@@ -32,6 +34,8 @@ class ClientDisconnected(Exception):
 _MAPPING: list[tuple[type[Exception], int, str]] = [
     (BodyTooLarge, 413, ""),
     (ModelNotFound, 404, ""),
+    (ControlRefused, 400, ""),
+    (ModelLoadError, 400, "; fix it in MODEL_REPOSITORY, then load again"),
     (InputError, 400, ""),
     (IdempotencyConflict, 422, "; send a new Idempotency-Key for new items"),
     (QueueFull, 503, "; the server is at capacity, retry after the Retry-After seconds"),

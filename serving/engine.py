@@ -4,7 +4,8 @@ import asyncio
 import gc
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 from batching import BatcherClosed, QueueFull
 from jobs import (
@@ -25,6 +26,9 @@ from serving.registry import load_tasks
 from serving.service import DecodePools, TaskService
 from serving.task import LoadContext, Task
 from settings import Settings
+
+if TYPE_CHECKING:
+    from repository.control import RepositoryControl
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +94,9 @@ class Engine:
         self.failure: str | None = None
         self._on_failure = on_failure
         self._pools: DecodePools | None = None
+        self._context: LoadContext | None = None
+        # MODEL_REPOSITORY's control (repository.control.RepositoryControl), if set.
+        self.repository: RepositoryControl | None = None
         self._warmup_task: asyncio.Task[None] | None = None
         self.job_store = open_job_store(settings)
         self.jobs_disabled = settings.jobs_disabled_reason
@@ -123,8 +130,8 @@ class Engine:
                 reason = failed.get(version) or next(iter(failed.values()))
                 raise ModelNotFound(f"model {name!r} is not available: {reason}")
             if versions is None:
-                served = ", ".join(map(repr, self.versions)) or "no model"
-                raise ModelNotFound(f"unknown model {name!r}; this server serves {served}")
+                names = ", ".join(map(repr, self.versions)) or "no model"
+                raise ModelNotFound(f"unknown model {name!r}; this server serves {names}")
             served = sorted(versions, key=_version_order)
             raise ModelNotFound(
                 f"model {name!r} has no version {version!r}; it serves"
@@ -151,20 +158,13 @@ class Engine:
             threads=max(1, settings.intra_op_threads // max(1, len(tasks) + len(models))),
             cache_dir=settings.model_cache_dir,
         )
+        self._context = context
         for task in tasks:
             await asyncio.to_thread(task.load, context)
         loaded = list(tasks)
         for model in models:
-            try:
-                await asyncio.to_thread(model.load, context)
-            except Exception as exc:  # any file may be broken: that model only is set aside
-                reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
-                logger.error(
-                    "model %s version %s is not served: %s", model.name, model.version, reason
-                )
-                self.failed.setdefault(model.name, {})[model.version] = reason
-                continue
-            loaded.append(model)
+            if await self._load(model):
+                loaded.append(model)
         on = device_type(device)
         if not settings.job_concurrency and on == "cuda":
             # A GPU batch costs little more than one item: let job items fill big batches.
@@ -172,18 +172,89 @@ class Engine:
         light = bool(loaded) and all(task.light_model() for task in loaded)
         self._pools = DecodePools(settings.decode_threads(on, light_model=light))
         for task in loaded:
-            service = TaskService(task, settings, self._pools, on_crash=self._batcher_crashed)
-            service.batcher.start()
-            self.versions.setdefault(task.name, {})[task.version] = service
-            newest = self.services.get(task.name)
-            if newest is None or _version_order(task.version) > _version_order(newest.version):
-                self.services[task.name] = service
+            self._serve(self._service(task))
         if self.jobs_disabled:
             logger.warning("%s", self.jobs_disabled)
         else:
             await self.job_store.start()
         self._warmup_task = asyncio.create_task(self._warm_up(), name="warmup")
         self._warmup_task.add_done_callback(self._on_warmup_done)
+
+    async def _load(self, model: Task[Any, Any]) -> bool:
+        """Loads a repository model, in a thread; one that fails is set aside in
+        ``failed`` with the reason (and logged), and False returned."""
+        assert self._context is not None, "start() first"
+        try:
+            await asyncio.to_thread(model.load, self._context)
+        except Exception as exc:  # any file may be broken: that model only is set aside
+            reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            logger.error("model %s version %s is not served: %s", model.name, model.version, reason)
+            self.failed.setdefault(model.name, {})[model.version] = reason
+            return False
+        return True
+
+    def _service(self, task: Task[Any, Any]) -> TaskService:
+        assert self._pools is not None
+        service = TaskService(task, self.settings, self._pools, on_crash=self._batcher_crashed)
+        service.batcher.start()
+        return service
+
+    def _serve(self, service: TaskService) -> TaskService | None:
+        """Serves ``service`` in place of the same version, if any, which it returns. The
+        newest version takes the requests that name none."""
+        versions = self.versions.setdefault(service.name, {})
+        replaced = versions.get(service.version)
+        versions[service.version] = service
+        self.services[service.name] = versions[max(versions, key=_version_order)]
+        failed = self.failed.get(service.name, {})
+        for key in (service.version, ""):
+            failed.pop(key, None)
+        if not failed:
+            self.failed.pop(service.name, None)
+        return replaced
+
+    async def add_model(self, model: Task[Any, Any]) -> bool:
+        """Loads and warms up a version of a repository model beside what is served, then
+        serves it at once, in place of the same version if it was served (which drains
+        and stops). False, with the reason in ``failed``, if it could not load or warm
+        up: what was served goes on."""
+        if not await self._load(model):
+            return False
+        service = self._service(model)
+        try:
+            await service.warm_up()
+        except Exception as exc:
+            logger.error(
+                "model %s version %s failed its warm-up", model.name, model.version, exc_info=exc
+            )
+            self.failed.setdefault(model.name, {})[model.version] = f"warm-up failed: {exc}"
+            await service.batcher.stop(0)
+            return False
+        replaced = self._serve(service)
+        logger.info("model %s version %s is served", model.name, model.version)
+        if replaced is not None:
+            await replaced.retire(self.settings.drain_timeout)
+        return True
+
+    async def remove_model(self, name: str, version: str) -> None:
+        """Stops serving a version: new requests no longer find it, and those that did
+        are answered before its batcher stops (within DRAIN_TIMEOUT)."""
+        versions = self.versions.get(name, {})
+        service = versions.pop(version, None)
+        if service is None:
+            return
+        if versions:
+            self.services[name] = versions[max(versions, key=_version_order)]
+        else:
+            del self.versions[name]
+            del self.services[name]
+        logger.info("model %s version %s is unloaded; draining it", name, version)
+        await service.retire(self.settings.drain_timeout)
+
+    def lease(self, name: str, version: str = "") -> AbstractContextManager[TaskService]:
+        """The task or model ``name`` (at ``version``), held until the request ends: a
+        version unloaded meanwhile answers it before it stops."""
+        return self.service(name, version).lease()
 
     async def _warm_up(self) -> None:
         for service in self.all_services():
@@ -219,15 +290,16 @@ class Engine:
             self._on_failure(reason)
 
     async def _run_job_item(self, item: WorkItem, data: bytes) -> ItemResult:
-        service = self.services.get(item.task)
-        if service is None:
+        if item.task not in self.services:
             raise NotReady(
-                f"this replica does not serve task {item.task!r}: give every replica the same TASKS"
+                f"this replica does not serve task {item.task!r}: give every replica the same"
+                " TASKS and MODEL_REPOSITORY"
             )
         wait = JOB_ROOM_WAIT_S
         while True:
             try:
-                result: ItemResult = await service.run_job_item(data)
+                with self.lease(item.task) as service:
+                    result: ItemResult = await service.run_job_item(data)
             except BatcherClosed as exc:
                 raise HandBack(str(exc)) from exc
             except QueueFull:
@@ -266,14 +338,14 @@ class Engine:
             self._pools.shutdown()
         gc.unfreeze()  # the models may go now (a process that starts another engine)
 
-    def admit(self, task: str, arrived_at: float) -> Refusal | None:
+    def admit(self, task: str, arrived_at: float, version: str = "") -> Refusal | None:
         """Whether a request for ``task`` that reached the server at ``arrived_at`` (the
         loop's clock) may in: None, or why not. It may if the engine is alive and the
         task could serve it within TIMEOUT of its arrival."""
         try:
             if (reason := self.liveness()) is not None:
                 raise NotReady(reason)
-            self.service(task).admit(arrived_at)
+            self.service(task, version).admit(arrived_at)
         except (NotReady, QueueFull) as exc:
             return Refusal(exc)
         except ModelNotFound:

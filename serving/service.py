@@ -4,8 +4,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -113,6 +114,8 @@ class TaskService:
         self._decode_seconds = RunningMean()
         self.decode_rejected_full = 0
         self.requests = RequestStats()
+        self._leases = 0
+        self._released: asyncio.Event | None = None
         self.tensor_form = task.tensor_form()
         self.batcher: MicroBatcher[Any, Any] = MicroBatcher(
             task.predict_batch,
@@ -127,6 +130,35 @@ class TaskService:
             concurrency=task.concurrency(),
             on_crash=on_crash,
         )
+
+    @contextmanager
+    def lease(self) -> Iterator["TaskService"]:
+        """This service, held for one request or job item until it ends: a service being
+        retired waits for every lease to end before it stops its batcher."""
+        self._leases += 1
+        try:
+            yield self
+        finally:
+            self._leases -= 1
+            if not self._leases and self._released is not None:
+                self._released.set()
+
+    async def retire(self, drain_timeout: float) -> None:
+        """Stops this service once the requests holding it are answered, within
+        ``drain_timeout``: no lease is taken any more (the engine no longer finds it),
+        and what is queued is computed before its batcher stops."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + drain_timeout
+        if self._leases:
+            self._released = asyncio.Event()
+            try:
+                async with asyncio.timeout(drain_timeout):
+                    await self._released.wait()
+            except TimeoutError:
+                logger.warning(
+                    "%s: %d requests still held it after the drain", self.name, self._leases
+                )
+        await self.batcher.stop(max(0.0, until - loop.time()))
 
     async def warm_up(self) -> None:
         settings = self.settings

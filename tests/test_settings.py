@@ -68,3 +68,12 @@ def test_an_int8_model_gets_every_core_for_decoding(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert Settings(workers=2).decode_threads("cpu", light_model=True) == 8
     assert Settings(workers=2, decode_workers=3).decode_threads("cpu", light_model=True) == 3
+
+
+def test_explicit_model_control_is_refused_with_several_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MODEL_CONTROL", "explicit")
+    monkeypatch.setenv("WORKERS", "2")
+    with pytest.raises(ConfigError, match="MODEL_CONTROL=explicit with WORKERS=2: a load"):
+        load_settings()

@@ -119,6 +119,29 @@ def repository_index(engine: Engine, ready_only: bool = False) -> list[dict[str,
     return sorted(index, key=lambda e: (e["name"], len(e["version"]), e["version"]))
 
 
+class ControlRefused(Exception):
+    """A load or unload this server does not take in its MODEL_CONTROL: 400."""
+
+
+def control(engine: Engine, parameters: Any) -> Any:
+    """The repository control that explicit load and unload requests reach."""
+    control = engine.repository
+    if control is None:
+        raise ControlRefused("this server has no MODEL_REPOSITORY to load models from")
+    if engine.settings.model_control != "explicit":
+        raise ControlRefused(
+            f"models are loaded and unloaded on request only with MODEL_CONTROL=explicit"
+            f" (this server runs MODEL_CONTROL={engine.settings.model_control})"
+        )
+    # unload_dependents concerns ensembles, which this server has none of.
+    if set(parameters) - {"unload_dependents"}:
+        raise ControlRefused(
+            "load parameters (a config or files in the request) are not supported: change"
+            " the files in MODEL_REPOSITORY, then load"
+        )
+    return control
+
+
 def _form(service: TaskService) -> Any:
     if (reason := _why_unavailable(service)) is not None:
         raise InputError(f"model {service.name!r} is not available over this protocol: {reason}")

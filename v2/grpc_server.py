@@ -177,6 +177,14 @@ class InferenceService:
         index = core.repository_index(self.engine, request.ready)
         return json_format.ParseDict({"models": index}, pb.RepositoryIndexResponse())
 
+    async def repository_model_load(self, request: Any, context: Any) -> Any:
+        await core.control(self.engine, dict(request.parameters)).load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def repository_model_unload(self, request: Any, context: Any) -> Any:
+        await core.control(self.engine, dict(request.parameters)).unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
     async def model_infer(self, request: Any, context: Any) -> Any:
         return await self._infer(request, context, paced=True)
 
@@ -184,13 +192,13 @@ class InferenceService:
         """Admits, then reads and answers one request; a refusal reads nothing. A
         ``paced`` call that comes back on a refused connection before its retry hint
         waits out the rest of it first, as over HTTP (serving/admission.py)."""
-        service = core.find(self.engine, request.model_name, request.model_version)
         loop = asyncio.get_running_loop()
         arrived_at = loop.time()
         peer = context.peer() if paced else None
         if peer is not None and (wait := self.pacing.wait(peer, arrived_at)):
             await asyncio.sleep(wait)
-        refusal: Refusal | None = self.engine.admit(service.name, arrived_at)
+        name, version = request.model_name, request.model_version
+        refusal: Refusal | None = self.engine.admit(name, arrived_at, version)
         if refusal is not None:
             if peer is not None:
                 now = loop.time()
@@ -204,7 +212,8 @@ class InferenceService:
             microseconds = max(1, int(remaining * 1e6))
             if not isinstance(given, int) or given > microseconds:
                 infer_request.parameters[core.TIMEOUT] = microseconds
-        response = await core.infer(service, infer_request, self.max_rows)
+        with self.engine.lease(name, version) as service:  # answered even if unloaded meanwhile
+            response = await core.infer(service, infer_request, self.max_rows)
         return write_response(response)
 
     async def model_stream_infer(
@@ -283,6 +292,18 @@ METHODS: dict[str, tuple[str, str, str, bool]] = {
         "repository_index",
         "RepositoryIndexRequest",
         "RepositoryIndexResponse",
+        False,
+    ),
+    "RepositoryModelLoad": (
+        "repository_model_load",
+        "RepositoryModelLoadRequest",
+        "RepositoryModelLoadResponse",
+        False,
+    ),
+    "RepositoryModelUnload": (
+        "repository_model_unload",
+        "RepositoryModelUnloadRequest",
+        "RepositoryModelUnloadResponse",
         False,
     ),
 }

@@ -73,6 +73,37 @@ async def repository_index(request: Request, engine: EngineDep) -> Response:
     return JSONResponse(core.repository_index(engine, bool(options.get("ready"))))
 
 
+async def _control_parameters(request: Request) -> dict[str, Any]:
+    body = await gathered(request)
+    try:
+        options = json.loads(body) if body.strip() else {}
+    except ValueError:
+        options = None
+    if not isinstance(options, dict):
+        raise InputError('send a JSON object, or nothing: {"parameters": {...}}')
+    return _parameters(options.get("parameters"), "the request")
+
+
+@router.post("/repository/models/{name}/load")
+async def load_model(request: Request, engine: EngineDep, name: str) -> Response:
+    try:
+        control = core.control(engine, await _control_parameters(request))
+        await control.load(name)
+    except Exception as exc:
+        return _error(exc)
+    return Response(status_code=200)
+
+
+@router.post("/repository/models/{name}/unload")
+async def unload_model(request: Request, engine: EngineDep, name: str) -> Response:
+    try:
+        control = core.control(engine, await _control_parameters(request))
+        await control.unload(name)
+    except Exception as exc:
+        return _error(exc)
+    return Response(status_code=200)
+
+
 @router.get("/models/stats")
 async def all_statistics(engine: EngineDep) -> JSONResponse:
     return JSONResponse(core.statistics(engine))
@@ -117,11 +148,11 @@ async def model_infer(
     request: Request, engine: EngineDep, name: str, version: str = ""
 ) -> Response:
     try:
-        service = core.find(engine, name, version)
-        service.require_warm()
+        core.find(engine, name, version).require_warm()  # before the body is read
         infer_request = await read_infer_request(request, name, version)
-        answer = core.infer(service, infer_request, engine.settings.max_queue_size)
-        response = await cancel_on_disconnect(request, answer)
+        with engine.lease(name, version) as service:  # answered even if unloaded meanwhile
+            answer = core.infer(service, infer_request, engine.settings.max_queue_size)
+            response = await cancel_on_disconnect(request, answer)
     except ClientDisconnected:
         raise  # nobody to answer: logged as 499
     except Exception as exc:

@@ -3,14 +3,16 @@
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 
 from api.deps import EngineDep
 from api.disconnect import cancel_on_disconnect
 from api.payloads import read_payload
 from api.routes.jobs import JOB_ERRORS, create_job
 from api.schemas import error_responses
-from serving import Task
+from serving import Engine, Task
 
 ERRORS = error_responses(
     {
@@ -72,6 +74,18 @@ def _jobs_request_body(task: Task[Any, Any]) -> dict[str, Any]:
     return _body("files", {"type": "array", "items": _FILE, "minItems": 1}, json_schema)
 
 
+async def answer(request: Request, engine: Engine, name: str, options: BaseModel) -> Any:
+    """The answer of task ``name`` to one input. Admitted at the door (api/door.py)
+    before the upload was read; TIMEOUT counts from the end of the body, so a slow link
+    does not use it up, and the service admits the request again with that deadline."""
+    engine.service(name)  # 404 before the body, for a model not served
+    payload = await read_payload(request)
+    # Held to the end: a model version unloaded meanwhile answers it first.
+    with engine.lease(name) as service:
+        result = await cancel_on_disconnect(request, service.run(payload, options))
+        return service.task.encode(result, options)
+
+
 def task_router(task: Task[Any, Any]) -> APIRouter:
     """The routes of one task. Its options are query parameters."""
     router = APIRouter(tags=[task.name])
@@ -83,14 +97,7 @@ def task_router(task: Task[Any, Any]) -> APIRouter:
         engine: EngineDep,
         options: Annotated[Options, Query()],  # type: ignore[valid-type]
     ) -> Any:
-        service = engine.service(name)
-        # Admitted at the door (api/door.py) before the upload was read. TIMEOUT
-        # counts from the end of the body, so a slow link does not use it up, and the
-        # service admits the request again with that deadline.
-        payload = await read_payload(request)
-        run = service.run(payload, options)
-        result = await cancel_on_disconnect(request, run)
-        return task.encode(result, options)
+        return await answer(request, engine, name, options)
 
     async def submit_job(
         request: Request,
@@ -126,4 +133,33 @@ def task_router(task: Task[Any, Any]) -> APIRouter:
             " stream and cancel it under /jobs/{id}."
         ),
     )
+    return router
+
+
+def late_models_router() -> APIRouter:
+    """``POST /{name}`` and ``POST /{name}/jobs`` for repository models loaded after
+    startup (MODEL_CONTROL), which have no route of their own; included last."""
+    router = APIRouter(include_in_schema=False)
+
+    def options_of(request: Request, service: Any) -> BaseModel:
+        try:
+            options: BaseModel = service.task.Options.model_validate(dict(request.query_params))
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        return options
+
+    @router.post("/{name}")
+    async def predict(request: Request, engine: EngineDep, name: str) -> Any:
+        return await answer(request, engine, name, options_of(request, engine.service(name)))
+
+    @router.post("/{name}/jobs", status_code=202)
+    async def submit_job(
+        request: Request,
+        engine: EngineDep,
+        name: str,
+        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    ) -> JSONResponse:
+        options = options_of(request, engine.service(name))
+        return await create_job(request, engine, name, idempotency_key, options)
+
     return router
