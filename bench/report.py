@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from servers import PEERS
+from servers import PEERS, PROTOCOL_NAMES, REPOSITORY_SERVER
 
 FLOAT32 = "ours PRECISION=float32"
 DEFAULTS = "ours (defaults)"
@@ -99,6 +99,7 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, bool]]:
         ),
     ]
     checks += protocol_targets(servers)
+    checks += repository_targets(servers)
     if off["default_precision"] == "int8":
         checks.append(
             (
@@ -109,6 +110,29 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, bool]]:
             )
         )
     return checks
+
+
+def repository_targets(servers: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, bool]]:
+    """The default model served from MODEL_REPOSITORY within 5% of /cls's throughput at
+    32 clients, on one server, and only 200 or 503."""
+    repository = f"{REPOSITORY_SERVER} {PROTOCOL_NAMES['repository']}"
+    if repository not in servers or REPOSITORY_SERVER not in servers:
+        return []
+    rps = by_concurrency(servers[repository])[32]["throughput_rps"]
+    cls_rps = by_concurrency(servers[REPOSITORY_SERVER])[32]["throughput_rps"]
+    statuses = {code for row in servers[repository] for code in row["status_mix"]}
+    return [
+        (
+            "c=32 the repository's copy of the model >= 0.95x /cls",
+            f"{rps} vs 0.95 x {cls_rps} = {0.95 * cls_rps:.1f} req/s",
+            rps >= 0.95 * cls_rps,
+        ),
+        (
+            "the repository's copy, c=1-128: only 200 or 503",
+            ", ".join(sorted(statuses)),
+            statuses <= {"200", "503"},
+        ),
+    ]
 
 
 def protocol_targets(servers: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, bool]]:

@@ -33,6 +33,7 @@ import report
 from servers import (
     CONCURRENCY,
     PEERS,
+    REPOSITORY_SERVER,
     ROOT,
     TRITON_INT8,
     load,
@@ -43,6 +44,7 @@ from servers import (
 
 from classification import Classifier, load_model
 from classification.backend import seconds_per_batch
+from examples import model_repository
 from harness import calibration
 from harness.server import free_port, wait_ready
 from settings import Settings
@@ -194,6 +196,7 @@ def main() -> None:
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     ensure_triton_env()
+    print(f"the repository's model files: {model_repository.build()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
         images, about_images = load_photos(work)
@@ -209,7 +212,7 @@ def main() -> None:
         # This shared machine's speed drifts over minutes, so what the targets compare
         # runs close together: ours, then the peers, then overload.
         print("servers under load ...", flush=True)
-        ours = ["ours (defaults)", "ours PRECISION=float32"]
+        ours = ["ours (defaults)", "ours PRECISION=float32", REPOSITORY_SERVER]
         contenders = [*ours, *PEERS, TRITON_INT8]
         result["servers"] = run_levels(contenders, images, work, args.duration)
         print("overload ...", flush=True)

@@ -67,6 +67,16 @@ def _triton(
 
 OURS = [sys.executable, "main.py"]
 FLOAT32 = {"PRECISION": "float32"}
+# The default model as files in a model repository (examples/model_repository, made by
+# `make bench`), served beside /cls by one server. Each of its two models gets every
+# core's thread, as alone: they are loaded in turn, never at once.
+REPOSITORY = {
+    **FLOAT32,
+    "MODEL_REPOSITORY": "examples/model_repository",
+    "TORCH_THREADS": str(2 * (os.cpu_count() or 1)),
+}
+REPOSITORY_PATH = "/efficientnet_lite0"
+REPOSITORY_SERVER = "ours float32, /cls beside the repository"
 CONTENDERS: dict[str, Contender] = {
     "ours (defaults)": Contender(OURS, also=("grpc",)),
     "ours PRECISION=float32": Contender(OURS, FLOAT32, also=("v2", "grpc")),
@@ -81,6 +91,7 @@ CONTENDERS: dict[str, Contender] = {
     "LitServe float32": Contender(
         [sys.executable, "bench/peers/litserve_server.py"], {"PRECISION": "float32"}
     ),
+    REPOSITORY_SERVER: Contender(OURS, REPOSITORY, also=("repository",)),
     "ours MAX_BATCH_SIZE=1": Contender(OURS, {"MAX_BATCH_SIZE": "1"}),
     "ours BACKEND=torch": Contender(OURS, {"BACKEND": "torch"}),
     "naive FastAPI": Contender([sys.executable, "bench/naive_server.py"]),
@@ -88,7 +99,13 @@ CONTENDERS: dict[str, Contender] = {
 PEERS = ["Triton (PyTriton) float32", "mosec float32", "LitServe float32"]
 # Triton in int8 (over gRPC), beside our defaults' int8; PEERS are all float32.
 TRITON_INT8 = "Triton (PyTriton) int8"
-PROTOCOL_NAMES = {"v2": "V2 HTTP", "grpc": "gRPC"}
+PROTOCOL_NAMES = {"v2": "V2 HTTP", "grpc": "gRPC", "repository": REPOSITORY_PATH}
+# How bench/loadgen.py loads each protocol: its --protocol, and its --path if not the usual.
+LOADGEN_ARGUMENTS = {"repository": ("--protocol", "multipart", "--path", REPOSITORY_PATH)}
+
+
+def loadgen_arguments(protocol: str) -> tuple[str, ...]:
+    return LOADGEN_ARGUMENTS.get(protocol, ("--protocol", protocol))
 
 
 def row_name(name: str, contender: Contender, protocol: str) -> str:
@@ -130,7 +147,7 @@ def wait_until_ready(server: Server, contender: Contender, images: Path, timeout
     peers answer their health check before their model workers are up."""
     wait_ready(server, timeout, contender.ready_path)
     for protocol in (contender.protocol, *contender.also):
-        load(load_port(protocol, server), 1, 1.0, images, "--protocol", protocol, warmup=0.0)
+        load(load_port(protocol, server), 1, 1.0, images, *loadgen_arguments(protocol), warmup=0.0)
 
 
 def load_port(protocol: str, server: Server) -> int:
@@ -250,8 +267,7 @@ def run_levels(
                                 concurrency,
                                 duration / rounds,
                                 images,
-                                "--protocol",
-                                protocol,
+                                *loadgen_arguments(protocol),
                             )
                         )
                 for protocol in protocols:

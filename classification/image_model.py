@@ -5,7 +5,6 @@ the embedder build on it."""
 import contextlib
 import hashlib
 import json
-import math
 import os
 import platform
 import time
@@ -22,7 +21,7 @@ from classification.decode import decode_image
 from classification.models import LoadedModel
 from classification.onnx_backend import OnnxBackend
 from serving.device import resolve_device
-from serving.warmup import batch_shapes, tune_batch_size
+from serving.warmup import batch_shapes, fastest, tune_batch_size
 
 
 class ImageModel(Building):
@@ -175,12 +174,7 @@ class ImageModel(Building):
         """The best time of decoding and cropping the sample photo: a floor for what an
         upload costs the decode threads."""
         data = SAMPLE_IMAGE.read_bytes()
-        best = math.inf
-        for _ in range(rounds):
-            started = time.perf_counter()
-            self.prepare(data, max_pixels=10**8)
-            best = min(best, time.perf_counter() - started)
-        return round(best, 6)
+        return fastest(lambda: self.prepare(data, max_pixels=10**8), rounds)
 
     def _choose_memory_format(self, batch_size: int) -> dict[str, Any]:
         backend = self.torch_backend

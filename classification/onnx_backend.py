@@ -125,9 +125,11 @@ class Sessions:
     compute 10-40% more images per second than calls that split each layer between
     threads and wait for the slowest."""
 
-    def __init__(self, model_path: Path, threads: int) -> None:
-        self.alone = onnx_session(model_path, threads)
-        self.beside = onnx_session(model_path, 1) if threads > 1 else self.alone
+    def __init__(
+        self, model_path: Path, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    ) -> None:
+        self.alone = onnx_session(model_path, threads, providers)
+        self.beside = onnx_session(model_path, 1, providers) if threads > 1 else self.alone
         self.concurrency = threads
         self._running = 0
         self._lock = threading.Lock()
@@ -155,7 +157,25 @@ class Sessions:
                 self._running -= 1
 
 
-def onnx_session(model_path: Path, threads: int) -> Any:
+def providers_for(device: str) -> list[str]:
+    """ONNX Runtime's execution providers for DEVICE: CUDA's first on a GPU, when this
+    onnxruntime has it (the onnxruntime-gpu package), and the CPU's always."""
+    import onnxruntime
+
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        logger.warning(
+            "DEVICE=%s but this onnxruntime has no CUDA provider (install onnxruntime-gpu);"
+            " ONNX models run on the CPU",
+            device,
+        )
+    return ["CPUExecutionProvider"]
+
+
+def onnx_session(
+    model_path: Path, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+) -> Any:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -166,9 +186,7 @@ def onnx_session(model_path: Path, threads: int) -> Any:
     # cores between batches (on 2 cores, 20-30% more images per second under load).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return onnxruntime.InferenceSession(
-            str(model_path), options, providers=["CPUExecutionProvider"]
-        )
+        return onnxruntime.InferenceSession(str(model_path), options, providers=list(providers))
     except Exception as exc:  # onnxruntime's error classes derive from Exception
         raise OnnxUnavailable(
             f"ONNX Runtime cannot load {model_path}: {type(exc).__name__}: {exc}"

@@ -17,6 +17,7 @@ from google.protobuf import json_format
 from pydantic import BaseModel, Field
 
 from classification import decode
+from classification.building import SAMPLE_IMAGE
 from classification.images import IMAGE_JSON_SCHEMA, image_text, read_image
 from classification.settings import ImageInputSettings
 from classification.task import Classification, ClassPrediction
@@ -25,6 +26,7 @@ from repository.layout import ONNX, ModelEntry, ModelLoadError
 from repository.runners import OnnxRunner, Runner, TorchScriptRunner
 from serving.task import InputError, LoadContext, Payload, ServingOverrides, Task
 from serving.tensors import DATATYPES, Row, TensorForm, TensorSpec, only_bytes
+from serving.warmup import batch_shapes, fastest, tune_batch_size
 from v2.stubs import messages
 
 Item = np.ndarray | dict[str, np.ndarray]
@@ -73,7 +75,7 @@ class RepositoryModel(Task[Item, Result]):
         pb = messages()
         config = self.entry.config
         if self.entry.platform == ONNX:
-            self.runner: Runner = OnnxRunner(self.file, context.threads)
+            self.runner: Runner = OnnxRunner(self.file, context.threads, context.device)
         else:
             self.runner = TorchScriptRunner(
                 self.file,
@@ -93,8 +95,9 @@ class RepositoryModel(Task[Item, Result]):
         if (image := self.resolved.image) is not None:
             decode.size_budget(self.settings.max_decode_pixels)
             preprocess = image.preprocess
-            self._mean = np.array(preprocess.mean, np.float32).reshape(1, 1, 1, 3)
-            self._scale = 1 / np.array(preprocess.std, np.float32).reshape(1, 1, 1, 3)
+            shape = (1, 3, 1, 1) if image.layout == "NCHW" else (1, 1, 1, 3)
+            self._mean = np.array(preprocess.mean, np.float32).reshape(shape)
+            self._scale = 1 / np.array(preprocess.std, np.float32).reshape(shape)
 
     def _overrides(self) -> ServingOverrides:
         config = self.resolved.config
@@ -187,17 +190,22 @@ class RepositoryModel(Task[Item, Result]):
         return results
 
     def _image_batch(self, items: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's input for a batch of uint8 RGB crops: channels in the model's
+        order, normalised in place (one pass each, as classification's ONNX backend)."""
         image = self.resolved.image
         assert image is not None
-        batch = np.stack(items).astype(np.float32)  # NHWC, RGB, 0-255
+        pixels = np.stack(items)  # N, H, W, 3
+        if image.bgr:
+            pixels = pixels[..., ::-1]
+        if image.layout == "NCHW":
+            pixels = pixels.transpose(0, 3, 1, 2)
+        batch = np.empty(pixels.shape, dtype=np.float32)
+        np.copyto(batch, pixels)
         batch -= self._mean
         batch *= self._scale
-        if image.bgr:
-            batch = batch[..., ::-1]
-        if image.layout == "NCHW":
-            batch = batch.transpose(0, 3, 1, 2)
-        dtype = DATATYPES[image.datatype]
-        return {image.name: np.ascontiguousarray(batch, dtype=dtype)}
+        if image.datatype != "FP32":
+            batch = batch.astype(DATATYPES[image.datatype])
+        return {image.name: batch}
 
     def _rows(self, outputs: list[np.ndarray], count: int) -> list[Result | Exception]:
         for name, output in zip(self.output_names, outputs, strict=True):
@@ -258,6 +266,23 @@ class RepositoryModel(Task[Item, Result]):
 
     def concurrency(self) -> int:
         return self.runner.concurrency
+
+    def warm_up(self, max_batch_size: int, tune: bool) -> dict[str, Any]:
+        """Every batch shape, timed as the batcher runs them (``concurrency`` calls side
+        by side) when ``tune``; for an image model, the decode time of the sample photo."""
+        example = self.example()
+
+        def run(size: int) -> None:
+            self.predict_batch([example] * size)
+
+        for size in batch_shapes(max_batch_size):
+            run(size)  # the shapes of a call alone, on its own session
+        with self.runner.side_by_side():
+            report = tune_batch_size(run, max_batch_size, tune=tune, concurrency=self.concurrency())
+        if self.resolved.image is not None:
+            data = SAMPLE_IMAGE.read_bytes()
+            report["decode_seconds_per_item"] = fastest(lambda: self.decode(data, self.Options()))
+        return report
 
     def example(self) -> Item:
         if (image := self.resolved.image) is not None:

@@ -2,6 +2,7 @@
 TorchScript ``model.pt``. Each takes a batch as named arrays and gives the outputs named."""
 
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,16 +51,21 @@ class Runner(Protocol):
         """The ``outputs`` named, in order, for the batch ``feeds``."""
         ...
 
+    def side_by_side(self) -> AbstractContextManager[None]:
+        """Inside, calls run as they do under load, ``concurrency`` at once."""
+        ...
+
 
 class OnnxRunner:
-    def __init__(self, path: Path, threads: int) -> None:
-        from classification.onnx_backend import OnnxUnavailable, Sessions
+    def __init__(self, path: Path, threads: int, device: str = "cpu") -> None:
+        from classification.onnx_backend import OnnxUnavailable, Sessions, providers_for
 
         try:
-            self.sessions = Sessions(path, threads)
+            self.sessions = Sessions(path, threads, tuple(providers_for(device)))
         except OnnxUnavailable as exc:
             raise ModelLoadError(str(exc)) from None
         self.concurrency = self.sessions.concurrency
+        self.side_by_side = self.sessions.side_by_side
 
     def signature(self) -> tuple[list[FileTensor], list[FileTensor]]:
         session = self.sessions.alone
@@ -105,6 +111,9 @@ class TorchScriptRunner:
 
     def signature(self) -> None:
         return None
+
+    def side_by_side(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         import torch

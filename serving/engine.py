@@ -380,6 +380,8 @@ class Engine:
             **primary,
             "ready": self.readiness() is None,
             "tasks": tasks,
+            # Repository models and versions not served, with why (by name, by version).
+            "unavailable": self.failed,
             "jobs": {
                 "store": settings.job_store,
                 "disabled": self.jobs_disabled,

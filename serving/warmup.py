@@ -123,6 +123,16 @@ def serving_scores(table: list[dict[int, float]]) -> dict[int, float]:
     return {n: round(statistics.median(shares), 3) for n, shares in relative.items()}
 
 
+def fastest(call: Callable[[], Any], rounds: int = 3) -> float:
+    """The best time of ``rounds`` calls of ``call``, in seconds, rounded to the µs."""
+    best = math.inf
+    for _ in range(rounds):
+        started = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - started)
+    return round(best, 6)
+
+
 def tune_batch_size(
     run: Callable[[int], Any],
     max_batch_size: int,

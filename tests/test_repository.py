@@ -238,3 +238,18 @@ def test_the_tensor_config_text_used_here_parses(tmp_path: Path) -> None:
     text = TWO_BY_TWO_CONFIG.format(name="m", platform="onnxruntime_onnx")
     (tmp_path / "m" / "config.pbtxt").write_text(text)
     assert scan(tmp_path).failed == {}
+
+
+def test_onnx_models_run_on_the_cpu_unless_onnxruntime_has_cuda(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import onnxruntime
+
+    from classification.onnx_backend import providers_for
+
+    assert providers_for("cpu") == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        assert providers_for("cuda")[0] == "CUDAExecutionProvider"
+    else:  # this machine's onnxruntime: the CPU, and a warning that says why
+        assert providers_for("cuda") == ["CPUExecutionProvider"]
+        assert "install onnxruntime-gpu" in caplog.text

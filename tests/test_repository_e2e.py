@@ -204,6 +204,9 @@ def test_broken_models_stop_only_themselves_with_the_file_and_field_named(
     listed = {m["name"]: m for m in httpx.get(f"{server.url}/v2").json()["models"]}
     assert listed["corrupt"]["available"] is False
     assert listed["twobytwo"]["available"] is True
+    unavailable = httpx.get(f"{server.url}/metadata").json()["unavailable"]
+    assert reasons["corrupt"] in unavailable["corrupt"]["1"]
+    assert reasons["typo"] in unavailable["typo"][""]  # the whole model: its config
     # The route of a model whose file broke names why, too.
     answer = httpx.post(f"{server.url}/corrupt", json={"a": [0] * 4, "b": [0] * 4})
     assert answer.status_code == 404
