@@ -252,3 +252,19 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
         assert shown.split('"score":')[1].startswith(f"{prediction['score']:.3f}")
         routes = httpx.get(f"{server.url}/v2").json()["models"]
         assert [m["name"] for m in routes] == [IMAGE_MODEL]
+
+
+def test_a_v2_input_that_contradicts_the_config_is_refused_naming_it(server: Server) -> None:
+    wrong = {
+        "inputs": [
+            {"name": "a", "datatype": "FP32", "shape": [1, 5], "data": [0.0] * 5},
+            {"name": "b", "datatype": "FP32", "shape": [1, 4], "data": [0.0] * 4},
+        ]
+    }
+    answer = httpx.post(f"{server.url}/v2/models/twobytwo/infer", json=wrong, timeout=30)
+    assert answer.status_code == 400
+    assert "input 'a' has shape [1, 5]; the model takes [-1, 4]" in answer.json()["error"]
+    wrong["inputs"][0] = {"name": "a", "datatype": "INT64", "shape": [1, 4], "data": [0] * 4}
+    answer = httpx.post(f"{server.url}/v2/models/twobytwo/infer", json=wrong, timeout=30)
+    assert answer.status_code == 400
+    assert "input 'a' has datatype INT64; the model takes FP32" in answer.json()["error"]
