@@ -74,12 +74,13 @@ class RepositoryModel(Task[Item, Result]):
     def load(self, context: LoadContext) -> None:
         pb = messages()
         config = self.entry.config
+        device, self.instances = self._placement(context.device, pb)
         if self.entry.platform == ONNX:
-            self.runner: Runner = OnnxRunner(self.file, context.threads, context.device)
+            self.runner: Runner = OnnxRunner(self.file, context.threads, device)
         else:
             self.runner = TorchScriptRunner(
                 self.file,
-                context.device,
+                device,
                 [t.name for t in config.input],
                 [t.name for t in config.output],
             )
@@ -98,6 +99,33 @@ class RepositoryModel(Task[Item, Result]):
             shape = (1, 3, 1, 1) if image.layout == "NCHW" else (1, 1, 1, 3)
             self._mean = np.array(preprocess.mean, np.float32).reshape(shape)
             self._scale = 1 / np.array(preprocess.std, np.float32).reshape(shape)
+
+    def _placement(self, device: str, pb: Any) -> tuple[str, int | None]:
+        """Where the model computes and how many batches may compute at once, from its
+        ``instance_group`` (Triton's model instances): KIND_CPU on the CPU, KIND_GPU on
+        the GPU (the one ``gpus`` names), and ``count`` instances in all. Without one,
+        DEVICE and as many batches as the backend runs side by side."""
+        groups = self.entry.config.instance_group
+        if not groups:
+            return device, None
+        where = f"{self.entry.config_path}: instance_group"
+        kinds = {group.kind for group in groups}
+        gpus = sorted({gpu for group in groups for gpu in group.gpus})
+        if len(kinds) > 1:
+            raise ModelLoadError(f"{where} mixes kinds; give the model one kind of instance")
+        (kind,) = kinds
+        if kind == pb.ModelInstanceGroup.KIND_CPU:
+            device = "cpu"
+        elif kind == pb.ModelInstanceGroup.KIND_GPU:
+            if not device.startswith("cuda"):
+                raise ModelLoadError(
+                    f"{where} asks for KIND_GPU but this server computes on {device}: set"
+                    " DEVICE=cuda on a GPU host, or kind: KIND_CPU"
+                )
+            if len(gpus) > 1:
+                raise ModelLoadError(f"{where} lists GPUs {gpus}; a model runs on one here")
+            device = f"cuda:{gpus[0]}" if gpus else device
+        return device, sum(max(1, group.count) for group in groups)
 
     def _overrides(self) -> ServingOverrides:
         config = self.resolved.config
@@ -265,7 +293,9 @@ class RepositoryModel(Task[Item, Result]):
     # -- the rest of the contract
 
     def concurrency(self) -> int:
-        return self.runner.concurrency
+        if self.instances is None:
+            return self.runner.concurrency
+        return max(1, min(self.instances, self.runner.concurrency))
 
     def warm_up(self, max_batch_size: int, tune: bool) -> dict[str, Any]:
         """Every batch shape, timed as the batcher runs them (``concurrency`` calls side

@@ -37,6 +37,7 @@ dynamic_batching {
   default_queue_policy { timeout_action: REJECT default_timeout_microseconds: 2000000 }
 }
 parameters: { key: "mean" value: { string_value: "0.485,0.456,0.406" } }
+instance_group [ { count: 2 kind: KIND_GPU gpus: [ 0 ] } ]
 """
 
 
@@ -52,6 +53,8 @@ def test_a_tritons_config_reads_as_written() -> None:
     assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]
     assert config.dynamic_batching.default_queue_policy.default_timeout_microseconds == 2_000_000
     assert config.parameters["mean"].string_value == "0.485,0.456,0.406"
+    [group] = config.instance_group
+    assert (group.count, group.kind, list(group.gpus)) == (2, group.KIND_GPU, [0])
 
 
 def test_it_is_wire_compatible_with_tritons_own_definition() -> None:
@@ -72,8 +75,12 @@ def test_it_is_wire_compatible_with_tritons_own_definition() -> None:
             "unknown field 'data_typ' in ModelInput; did you mean 'data_type'?",
         ),
         (
-            "instance_group [ { count: 2 kind: KIND_CPU } ]",
-            "field 'instance_group' of Triton's model configuration is not supported",
+            'instance_group [ { count: 2 kind: KIND_CPU host_policy: "numa0" } ]',
+            "field 'host_policy' of Triton's model configuration is not supported",
+        ),
+        (
+            "optimization { graph { level: 1 } }",
+            "field 'optimization' of Triton's model configuration is not supported",
         ),
         ('max_batch_size: "eight"', "Couldn't parse integer"),
     ],

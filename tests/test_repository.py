@@ -19,16 +19,14 @@ from tests.repository_models import (
     torchscript_model,
 )
 
-CONTEXT = LoadContext(device="cpu", threads=1, cache_dir=Path(".model-cache"))
 
-
-def loaded(root: Path, name: str, version: int | None = None) -> RepositoryModel:
+def loaded(root: Path, name: str, version: int | None = None, threads: int = 1) -> RepositoryModel:
     models, failed = repository_models(root, frozenset())
     assert name not in failed, failed[name]
     [model] = [
         m for m in models if m.name == name and (version is None or m.version == str(version))
     ]
-    model.load(CONTEXT)
+    model.load(LoadContext(device="cpu", threads=threads, cache_dir=Path(".model-cache")))
     return model
 
 
@@ -253,3 +251,19 @@ def test_onnx_models_run_on_the_cpu_unless_onnxruntime_has_cuda(
     else:  # this machine's onnxruntime: the CPU, and a warning that says why
         assert providers_for("cuda") == ["CPUExecutionProvider"]
         assert "install onnxruntime-gpu" in caplog.text
+
+
+def test_instance_groups_choose_the_device_and_the_batches_at_once(tmp_path: Path) -> None:
+    onnx_model(tmp_path, "m", config=True, versions={1: 1.0})
+    config = tmp_path / "m" / "config.pbtxt"
+    text = config.read_text()
+    config.write_text(text + "instance_group [ { count: 1 kind: KIND_CPU } ]\n")
+    model = loaded(tmp_path, "m", threads=2)
+    assert model.concurrency() == 1  # one instance: one batch at a time, on every thread
+    config.write_text(text + "instance_group [ { count: 2 kind: KIND_CPU } ]\n")
+    assert loaded(tmp_path, "m", threads=2).concurrency() == 2
+    config.write_text(text + "instance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]\n")
+    assert (
+        f"{config}: instance_group asks for KIND_GPU but this server computes on cpu"
+        in load_error(tmp_path, "m")
+    )

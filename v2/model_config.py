@@ -24,7 +24,6 @@ UNSUPPORTED = frozenset(
         "optimization",
         "sequence_batching",
         "ensemble_scheduling",
-        "instance_group",
         "cc_model_filenames",
         "metric_tags",
         "model_warmup",
@@ -42,6 +41,11 @@ UNSUPPORTED = frozenset(
         "priority_levels",
         "default_priority_level",
         "priority_queue_policy",
+        "rate_limiter",
+        "secondary_devices",
+        "profile",
+        "passive",
+        "host_policy",
     }
 )
 _NO_FIELD = re.compile(r'Message type "inference\.(\w+)" has no field named "(\w+)"')
