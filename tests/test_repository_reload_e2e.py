@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
@@ -176,6 +177,13 @@ def test_an_explicit_load_swaps_versions_under_load_and_unload_drains(tmp_path: 
         assert "unknown model 'twobytwo'" in gone.json()["error"]
         client.load_model("twobytwo")
         assert httpx.post(f"{server.url}/v2/models/twobytwo/infer", json=REQUEST).status_code == 200
+        # The same over gRPC.
+        over_grpc = grpcclient.InferenceServerClient(server.grpc_target)
+        over_grpc.unload_model("twobytwo")
+        assert served_versions(server) == []
+        over_grpc.load_model("twobytwo")
+        assert over_grpc.is_model_ready("twobytwo")
+        over_grpc.close()
         # A load that cannot be served says why, and what was served goes on.
         (root / "twobytwo" / "2" / "model.onnx").write_bytes(b"broken")
         with pytest.raises(InferenceServerException, match="ONNX Runtime cannot load"):
