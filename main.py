@@ -105,18 +105,21 @@ class ServingApp(FastAPI):
     requests are refusals, and FastAPI's own layers (telemetry, body limit, exception
     handling) cost more per request than the refusal itself; the door answers before them.
     ``door`` is also what AdmissionProtocol (api/protocol.py) asks, earlier still, under
-    ``run()`` and the gunicorn worker. ``task_routes`` maps each task's path to its name.
+    ``run()`` and the gunicorn worker. ``task_routes`` maps each task's path to its name
+    and version ("": the newest); with ``late_models``, the door also judges the routes
+    of models loaded after startup.
     ``cannot_start`` holds why a task could not load, for the one line that says so.
     """
 
     def __init__(
         self,
-        task_routes: dict[str, str],
-        protocol_paths: frozenset[str] = frozenset(),
+        task_routes: dict[str, tuple[str, str]],
+        *,
+        late_models: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.door = Door(self.state, task_routes, protocol_paths)
+        self.door = Door(self.state, task_routes, late_models=late_models)
         self._early = EarlyAdmission(super().__call__, self.door)
         self.cannot_start: str | None = None
 
@@ -196,13 +199,17 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
     served: list[Task[Any, Any]] = [*tasks, *models]
     # One route per name: a repository model's newest version stands for its versions.
     routes_by_name = {task.name: task for task in sorted(served, key=_version_order)}
-    routes = {f"/{task.name}": task.name for task in served}
-    protocol_routes = {
-        path: task.name for task in served for path in v2_http.infer_paths(task.name, task.version)
+    routes = {
+        path: route
+        for task in served
+        for path, route in [
+            (f"/{task.name}", (task.name, "")),
+            *v2_http.infer_paths(task.name, task.version),
+        ]
     }
     app = ServingApp(
-        {**routes, **protocol_routes},
-        frozenset(protocol_routes),
+        routes,
+        late_models=settings.model_control != "none",
         title=TITLE,
         summary="Concurrent callers share each model through an asyncio micro-batcher.",
         version="0.1.0",

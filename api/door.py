@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 
+from prometheus_client import Counter, Histogram
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -42,38 +43,53 @@ SUMMARY_INTERVAL_S = 1.0
 
 class Door:
     """Judges each POST to a task route as it arrives. ``routes`` maps each such path to
-    its task name; the engine is the one in ``state`` (the app's), once the lifespan has
-    started it. A refusal's message is under "detail", or under "error" on the paths of
-    ``protocol_paths`` (the Open Inference Protocol's)."""
+    the task and version it reaches ("": the newest); the engine is the one in ``state``
+    (the app's), once the lifespan has started it. A refusal's message is under "detail",
+    or under "error" on the Open Inference Protocol's paths.
+    With ``late_models``, the routes of repository models loaded after startup
+    (MODEL_CONTROL) are judged too: ``POST /{name}`` and the protocol's infer paths, for
+    a name the engine serves at the time."""
 
     def __init__(
-        self, state: State, routes: dict[str, str], protocol_paths: frozenset[str] = frozenset()
+        self,
+        state: State,
+        routes: dict[str, tuple[str, str]],
+        *,
+        late_models: bool = False,
     ) -> None:
         self.state = state
         self.routes = routes
-        self.protocol_paths = protocol_paths
+        self.late_models = late_models
         self._refusals = 0
         self._summary: asyncio.TimerHandle | None = None
-        self._metrics = {
-            route: (REQUESTS.labels("POST", route, "503"), REQUEST_SECONDS.labels("POST", route))
-            for route in routes
-        }
+        self._metrics: dict[str, tuple[Counter, Histogram]] = {}
+
+    def route(self, scope: Scope) -> tuple[str, str] | None:
+        """The task and version a request is for, if it is one for the door to judge."""
+        if scope["method"] != "POST" or getattr(self.state, "engine", None) is None:
+            return None
+        path: str = scope["path"]
+        route = self.routes.get(path)
+        if route is None and self.late_models:
+            route = _late_route(path)
+            if route is not None and route[0] not in self.state.engine.versions:
+                return None
+        return route
 
     def guards(self, scope: Scope) -> bool:
         """Whether this request is one for the door to judge."""
-        return (
-            scope["method"] == "POST"
-            and scope["path"] in self.routes
-            and getattr(self.state, "engine", None) is not None
-        )
+        return self.route(scope) is not None
 
     def judge(self, scope: Scope, arrived_at: float) -> Refusal | None:
         """The engine's refusal for a request that arrived at ``arrived_at`` (the loop's
         clock), or None when it is admitted: it is then marked ``Admitted`` in the
-        scope's state, so that no edge further in judges it again."""
-        task = self.routes[scope["path"]]
+        scope's state, so that no edge further in judges it again. The request is one
+        the door ``guards``."""
+        route = self.route(scope)
+        assert route is not None, "judge() is for a request the door guards"
+        task, version = route
         engine: Engine = self.state.engine
-        refusal = engine.admit(task, arrived_at)
+        refusal = engine.admit(task, arrived_at, version)
         if refusal is not None:
             self._count(scope["path"], asyncio.get_running_loop().time() - arrived_at)
             return refusal
@@ -82,10 +98,14 @@ class Door:
 
     def answer(self, path: str, refusal: Refusal) -> ErrorAnswer:
         """The refusal's answer, as the route at ``path`` words its errors."""
-        return error_answer(refusal.error, "error" if path in self.protocol_paths else "detail")
+        return error_answer(refusal.error, "error" if path.startswith(V2_MODELS) else "detail")
 
     def _count(self, route: str, seconds: float) -> None:
-        counter, latency = self._metrics[route]
+        if (metrics := self._metrics.get(route)) is None:
+            # One pair per path judged: the task routes, and the models served.
+            metrics = REQUESTS.labels("POST", route, "503"), REQUEST_SECONDS.labels("POST", route)
+            self._metrics[route] = metrics
+        counter, latency = metrics
         counter.inc()
         latency.observe(seconds)
         self._refusals += 1
@@ -100,6 +120,23 @@ class Door:
             "%s",
             json.dumps({"refused_up_front": count, "status": 503, "seconds": SUMMARY_INTERVAL_S}),
         )
+
+
+V2_MODELS = "/v2/models/"
+
+
+def _late_route(path: str) -> tuple[str, str] | None:
+    """The model and version of ``POST /{name}``, ``/v2/models/{name}/infer`` or
+    ``/v2/models/{name}/versions/{v}/infer``; None for any other path."""
+    if path.startswith(V2_MODELS):
+        parts = path[len(V2_MODELS) :].split("/")
+        if len(parts) == 2 and parts[1] == "infer":
+            return parts[0], ""
+        if len(parts) == 4 and parts[1] == "versions" and parts[3] == "infer":
+            return parts[0], parts[2]
+        return None
+    name = path[1:]
+    return (name, "") if name and "/" not in name else None
 
 
 class EarlyAdmission:

@@ -2,7 +2,10 @@
 asks it (api/door.py), on a real engine serving a small task in this process."""
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +15,7 @@ from main import ServingApp, create_app
 from serving import NotReady
 from serving.admission import MAX_HOLD_S, RETRY_AFTER_S, Admitted, Refusal
 from settings import Settings
+from tests.repository_models import onnx_model
 
 pytestmark = pytest.mark.anyio
 
@@ -79,3 +83,52 @@ async def test_the_door_marks_what_it_admits_and_counts_what_it_refuses(
     refused = {"type": "http", "method": "POST", "path": "/square", "state": {}}
     assert isinstance(hopeless.door.judge(refused, now()), Refusal)
     assert ADMITTED not in refused["state"]
+
+
+@pytest.fixture
+async def repository_app(tmp_path: Path) -> AsyncIterator[ServingApp]:
+    """A repository of one model at versions 1 and 2, both served, under explicit
+    control (models may be loaded after startup)."""
+    onnx_model(tmp_path, "twobytwo", config=True, versions={1: 1.0, 2: 2.0})
+    config = tmp_path / "twobytwo" / "config.pbtxt"
+    config.write_text(config.read_text() + "version_policy: { all: {} }\n")
+    settings = Settings(tasks="", model_repository=tmp_path, model_control="explicit")
+    app = create_app(settings, exit_on_failure=False)
+    async with app.router.lifespan_context(app):
+        await asyncio.wait_for(app.state.engine.warmed_up.wait(), timeout=60)
+        yield app
+
+
+def post(path: str) -> dict[str, Any]:
+    return {"type": "http", "method": "POST", "path": path, "state": {}}
+
+
+async def test_the_door_judges_a_versioned_request_by_its_own_version(
+    repository_app: ServingApp,
+) -> None:
+    door, engine = repository_app.door, repository_app.state.engine
+    engine.service("twobytwo", "2").warmed_up.clear()  # the newest cannot serve
+    for path in ("/twobytwo", "/v2/models/twobytwo/infer", "/v2/models/twobytwo/versions/2/infer"):
+        refusal = door.judge(post(path), now())
+        assert isinstance(refusal, Refusal), path
+        assert isinstance(refusal.error, NotReady), path
+    assert door.judge(post("/v2/models/twobytwo/versions/1/infer"), now()) is None
+
+
+async def test_the_door_judges_a_model_loaded_after_startup(
+    repository_app: ServingApp, tmp_path: Path
+) -> None:
+    door, engine = repository_app.door, repository_app.state.engine
+    late = ["/late", "/v2/models/late/infer", "/v2/models/late/versions/1/infer"]
+    assert not any(door.guards(post(path)) for path in late)  # not served yet
+    onnx_model(tmp_path, "late", config=False, versions={1: 1.0})
+    await engine.repository.load("late")
+    assert all(door.guards(post(path)) for path in late)
+    assert not door.guards(post("/late/jobs"))
+    assert not door.guards(post("/v2/models/late"))
+    assert door.judge(post("/late"), now()) is None
+    engine.service("late").warmed_up.clear()
+    refusal = door.judge(post("/v2/models/late/infer"), now())
+    assert isinstance(refusal, Refusal)
+    assert "error" in json.loads(door.answer("/v2/models/late/infer", refusal).body)
+    assert "detail" in json.loads(door.answer("/late", refusal).body)

@@ -30,9 +30,13 @@ HEADER_LENGTH = "inference-header-content-length"
 router = APIRouter(prefix="/v2", include_in_schema=False)
 
 
-def infer_paths(task: str, version: str) -> list[str]:
-    """The paths of a task's infer route, for the door to judge before the body."""
-    return [f"/v2/models/{task}/infer", f"/v2/models/{task}/versions/{version}/infer"]
+def infer_paths(task: str, version: str) -> list[tuple[str, tuple[str, str]]]:
+    """The paths of a task's infer route, each with the task and version it reaches
+    ("": the newest), for the door to judge before the body."""
+    return [
+        (f"/v2/models/{task}/infer", (task, "")),
+        (f"/v2/models/{task}/versions/{version}/infer", (task, version)),
+    ]
 
 
 def _error(exc: BaseException) -> Response:
