@@ -18,8 +18,8 @@ then the gRPC port, each connection a channel of its own) or ``raw`` (the body o
 RESOURCE_EXHAUSTED as 429, CANCELLED as 499, and other codes as 500.
 
 Prints JSON: statuses, latencies of the measured window, and the generator's own CPU use;
-with ``--server-pid``, also the server's CPU time over the window and the statuses of the
-answers that came in it (to put the two side by side).
+with ``--server-pid``, also the CPU time of the server's process group over the window
+and the statuses of the answers that came in it (to put the two side by side).
 Kept to raw asyncio streams so that the client costs little CPU on a shared machine.
 """
 
@@ -166,9 +166,17 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool, float]
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User plus system CPU time so far of a process and of every other process in its
+    process group (a server's workers, or a peer's model processes), from /proc."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(fields[2]) == pid or stat.parent.name == str(pid):
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # Every time here is on this clock: the event loop's may tick in whole milliseconds
@@ -363,7 +371,9 @@ def main() -> None:
     parser.add_argument("--images", required=True)
     parser.add_argument("--impolite", action="store_true", help="retry a 503 at once")
     parser.add_argument("--rate", type=float, default=0, help="open loop: requests per second")
-    parser.add_argument("--server-pid", type=int, help="measure this process's CPU time")
+    parser.add_argument(
+        "--server-pid", type=int, help="measure the CPU time of this process and its group"
+    )
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # open loop: many connections

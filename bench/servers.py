@@ -213,11 +213,25 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "p95_ms": percentile(ok, 95),
         "p99_ms": percentile(ok, 99),
         "loadgen_cpu_percent": round(sum(r["loadgen_cpu_percent"] for r in runs) / len(runs), 1),
-        **{
-            key: last[key]
-            for key in ("server_cpu_in_window_s", "answered_in_window")
-            if key in last
-        },
+        **server_cpu(runs),
+    }
+
+
+def server_cpu(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The server's CPU seconds over the measured windows of ``runs`` (loadgen's
+    --server-pid), the answers that came in them, and the CPU milliseconds per 200."""
+    if not all("server_cpu_in_window_s" in raw for raw in runs):
+        return {}
+    seconds = sum(raw["server_cpu_in_window_s"] for raw in runs)
+    answered: dict[str, int] = {}
+    for raw in runs:
+        for status, count in raw["answered_in_window"].items():
+            answered[status] = answered.get(status, 0) + count
+    ok = answered.get("200", 0)
+    return {
+        "server_cpu_in_window_s": round(seconds, 2),
+        "answered_in_window": answered,
+        "server_cpu_ms_per_200": round(1000 * seconds / ok, 2) if ok else None,
     }
 
 
@@ -268,6 +282,7 @@ def run_levels(
                                 duration / rounds,
                                 images,
                                 *loadgen_arguments(protocol),
+                                *("--server-pid", str(server.process.pid)),
                             )
                         )
                 for protocol in protocols:
