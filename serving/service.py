@@ -123,7 +123,7 @@ class TaskService:
             max_batch_delay_s=settings.max_batch_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
             name=task.name,
-            observer=PrometheusObserver(task.name),
+            observer=PrometheusObserver(task.name, task.version),
             priorities=2,
             shed_late=settings.shed_late_requests,
             min_share=settings.job_min_share,

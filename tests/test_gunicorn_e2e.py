@@ -121,10 +121,11 @@ async def test_metrics_count_every_request_across_workers(tmp_path: Path, worker
         assert metric(text, "batcher_queue_wait_seconds_count") == 24
         assert metric(text, "batcher_inference_seconds_count") >= 6
         assert "batcher_queue_depth" in text
+        labels = 'task="cls",version="1"'
         for reason in ("expired", "cancelled"):
-            assert f'batcher_items_dropped_total{{reason="{reason}",task="cls"}} 0.0' in text
+            assert f'batcher_items_dropped_total{{reason="{reason}",{labels}}} 0.0' in text
         for reason in ("queue_full", "closed"):
-            assert f'batcher_items_rejected_total{{reason="{reason}",task="cls"}} 0.0' in text
+            assert f'batcher_items_rejected_total{{reason="{reason}",{labels}}} 0.0' in text
         if workers == 2:
             served_by = set(re.findall(r"INFO (\d+) access: POST /cls 200", server.output()))
             assert len(served_by) == 2, "one worker served everything; the sum proves nothing"

@@ -17,7 +17,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from harness.server import ROOT, Server, running_server
-from tests.helpers import console_commands
+from tests.helpers import console_commands, metric
 from tests.images import photo_bytes
 from tests.repository_models import TwoByTwo, image_model, onnx_model, torchscript_model
 
@@ -213,11 +213,19 @@ def test_broken_models_stop_only_themselves_with_the_file_and_field_named(
     assert "is not available" in answer.json()["detail"]
 
 
-def test_the_statistics_count_each_version_apart(http: Any) -> None:
+def test_the_statistics_count_each_version_apart(http: Any, server: Server) -> None:
+    def computed(version: str) -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return metric(text, "batcher_queue_wait_seconds_count", task="twobytwo", version=version)
+
     before = http.get_inference_statistics("twobytwo", "1")["model_stats"][0]
+    before_metrics = computed("1"), computed("2")
     a, b = sample(3, seed=3)
     for _ in range(4):
         http.infer("twobytwo", tensor_inputs(httpclient, a, b), model_version="1")
+    # Prometheus too: each version's batcher has series of its own.
+    assert computed("1") - before_metrics[0] == 12
+    assert computed("2") == before_metrics[1]
     after = http.get_inference_statistics("twobytwo", "1")["model_stats"][0]
     assert after["version"] == "1"
     assert (
