@@ -221,10 +221,7 @@ def create_app(settings: Settings | None = None, *, exit_on_failure: bool = True
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_bytes=settings.max_upload_bytes,
-        per_path={
-            path: (settings.max_job_bytes, "MAX_JOB_BYTES")
-            for path in ["/jobs", *(f"/{name}/jobs" for name in routes_by_name)]
-        },
+        max_job_bytes=settings.max_job_bytes,
     )
     app.add_middleware(AccessLogMiddleware)
     install_error_handlers(app)

@@ -63,26 +63,25 @@ def _body_coming(scope: Scope) -> bool:
 
 
 class BodySizeLimitMiddleware:
-    """Refuses bodies over ``max_bytes`` with 413.
+    """Refuses bodies over ``max_bytes`` with 413; job submissions (``POST /jobs`` and
+    ``POST /{task}/jobs``, whichever task, those of models loaded after startup too)
+    over ``max_job_bytes``.
 
     A declared Content-Length over the limit is refused before any byte is read. A body
     without one (chunked) is counted as it arrives, and the read that crosses the limit
     raises BodyTooLarge inside the endpoint.
     """
 
-    def __init__(
-        self, app: ASGIApp, max_bytes: int, per_path: dict[str, tuple[int, str]] | None = None
-    ) -> None:
-        """``per_path`` maps an exact path to its own (limit, setting name)."""
+    def __init__(self, app: ASGIApp, max_bytes: int, max_job_bytes: int) -> None:
         self.app = app
         self.default = (max_bytes, "MAX_UPLOAD_BYTES")
-        self.per_path = per_path or {}
+        self.jobs = (max_job_bytes, "MAX_JOB_BYTES")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        max_bytes, setting = self.per_path.get(scope["path"], self.default)
+        max_bytes, setting = self.jobs if _submits_a_job(scope["path"]) else self.default
         declared = _content_length(scope)
         if declared is not None and declared > max_bytes:
             await refuse(scope, receive, send, error_response(BodyTooLarge(max_bytes, setting)))
@@ -101,6 +100,12 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+def _submits_a_job(path: str) -> bool:
+    """``/jobs`` or ``/{task}/jobs``: the only routes at such paths submit jobs."""
+    head, _, tail = path.rpartition("/")
+    return tail == "jobs" and head.count("/") <= 1
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from api.door import ADMITTED
@@ -92,7 +93,9 @@ async def repository_app(tmp_path: Path) -> AsyncIterator[ServingApp]:
     onnx_model(tmp_path, "twobytwo", config=True, versions={1: 1.0, 2: 2.0})
     config = tmp_path / "twobytwo" / "config.pbtxt"
     config.write_text(config.read_text() + "version_policy: { all: {} }\n")
-    settings = Settings(tasks="", model_repository=tmp_path, model_control="explicit")
+    settings = Settings(
+        tasks="", model_repository=tmp_path, model_control="explicit", max_upload_bytes=2000
+    )
     app = create_app(settings, exit_on_failure=False)
     async with app.router.lifespan_context(app):
         await asyncio.wait_for(app.state.engine.warmed_up.wait(), timeout=60)
@@ -132,3 +135,20 @@ async def test_the_door_judges_a_model_loaded_after_startup(
     assert isinstance(refusal, Refusal)
     assert "error" in json.loads(door.answer("/v2/models/late/infer", refusal).body)
     assert "detail" in json.loads(door.answer("/late", refusal).body)
+
+
+async def test_a_model_loaded_after_startup_takes_jobs_up_to_max_job_bytes(
+    repository_app: ServingApp, tmp_path: Path
+) -> None:
+    onnx_model(tmp_path, "late", config=False, versions={1: 1.0})
+    await repository_app.state.engine.repository.load("late")
+    transport = httpx.ASGITransport(app=repository_app)
+    body = json.dumps({"inputs": [{"a": [0.5] * 4, "b": [1.0] * 4}] * 50}).encode()
+    assert 2000 < len(body) < Settings().max_job_bytes
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        headers = {"Content-Type": "application/json"}
+        one = await client.post("/late", content=body, headers=headers)
+        assert one.status_code == 413
+        assert "MAX_UPLOAD_BYTES" in one.json()["detail"]
+        job = await client.post("/late/jobs", content=body, headers=headers)
+        assert job.status_code == 202, job.text
