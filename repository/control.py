@@ -107,6 +107,27 @@ class RepositoryControl:
                 raise ModelNotFound(f"model {name!r} is not loaded")
             await self._unload(name)
 
+    def not_loaded(self) -> dict[str, str]:
+        """The model folders of the repository that serve nothing and were not set aside
+        (new since startup or the last poll, or unloaded), each with what loads it."""
+        try:
+            names = sorted(
+                p.name
+                for p in self.root.iterdir()
+                if p.is_dir() and not p.name.startswith(".") and p.name not in self.reserved
+            )
+        except OSError:  # the folder is gone or unreadable: the next poll says so
+            return {}
+        how = {
+            "explicit": "POST /v2/repository/models/{}/load loads it",
+            "poll": "the next read of the repository loads it (MODEL_CONTROL=poll)",
+        }.get(self.engine.settings.model_control, "MODEL_CONTROL=none loads models at startup")
+        return {
+            name: f"not loaded: {how.format(name)}"
+            for name in names
+            if name not in self.engine.versions and name not in self.engine.failed
+        }
+
     def _set_aside(self, name: str, reason: str) -> None:
         """A model whose folder cannot be read now: what it served goes on."""
         failed = self.engine.failed.setdefault(name, {})

@@ -175,12 +175,19 @@ def test_an_explicit_load_swaps_versions_under_load_and_unload_drains(tmp_path: 
         gone = httpx.post(f"{server.url}/v2/models/twobytwo/infer", json=REQUEST)
         assert gone.status_code == 404
         assert "unknown model 'twobytwo'" in gone.json()["error"]
+        # The index still lists it, with what loads it again.
+        [entry] = [e for e in client.get_model_repository_index() if e["name"] == "twobytwo"]
+        assert entry["state"] == "UNAVAILABLE"
+        assert "POST /v2/repository/models/twobytwo/load" in entry["reason"]
         client.load_model("twobytwo")
         assert httpx.post(f"{server.url}/v2/models/twobytwo/infer", json=REQUEST).status_code == 200
         # The same over gRPC.
         over_grpc = grpcclient.InferenceServerClient(server.grpc_target)
         over_grpc.unload_model("twobytwo")
         assert served_versions(server) == []
+        [listed] = over_grpc.get_model_repository_index().models
+        assert (listed.name, listed.state) == ("twobytwo", "UNAVAILABLE")
+        assert listed.reason.startswith("not loaded")
         over_grpc.load_model("twobytwo")
         assert over_grpc.is_model_ready("twobytwo")
         over_grpc.close()

@@ -103,17 +103,24 @@ def server_metadata(engine: Engine) -> dict[str, Any]:
 
 def repository_index(engine: Engine, ready_only: bool = False) -> list[dict[str, str]]:
     """Every model and version, with its state (Triton's repository extension): READY,
-    LOADING while it warms up, or UNAVAILABLE with the reason it did not load."""
+    LOADING while it warms up, or UNAVAILABLE with the reason it did not load; and the
+    repository's models that are not loaded, with no version."""
     index = []
     for service in engine.all_services():
         state = "READY" if service.warmed_up.is_set() else "LOADING"
         index.append({"name": service.name, "version": service.version, "state": state})
     if not ready_only:
-        for name, failed in engine.failed.items():
-            for version, reason in failed.items():
-                index.append(
-                    {"name": name, "version": version, "state": "UNAVAILABLE", "reason": reason}
-                )
+        unavailable = {
+            (name, version): reason
+            for name, failed in engine.failed.items()
+            for version, reason in failed.items()
+        }
+        if engine.repository is not None:
+            unavailable |= {(name, ""): why for name, why in engine.repository.not_loaded().items()}
+        for (name, version), reason in unavailable.items():
+            index.append(
+                {"name": name, "version": version, "state": "UNAVAILABLE", "reason": reason}
+            )
     if ready_only:
         index = [entry for entry in index if entry["state"] == "READY"]
     return sorted(index, key=lambda e: (e["name"], len(e["version"]), e["version"]))
