@@ -94,6 +94,11 @@ async def test_killed_worker_is_replaced_and_serves_again(tmp_path: Path) -> Non
         assert response.json()["prediction"]["label"] in TOP1["chelsea"]
 
 
+def serving_workers(server: Server) -> set[str]:
+    """The workers (by pid) whose access log shows a 200 to POST /cls."""
+    return set(re.findall(r"INFO (\d+) access: POST /cls 200", server.output()))
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_metrics_count_every_request_across_workers(tmp_path: Path, workers: int) -> None:
     env = {"WORKERS": str(workers), "MAX_BATCH_SIZE": "4"}
@@ -103,23 +108,28 @@ async def test_metrics_count_every_request_across_workers(tmp_path: Path, worker
             while server.output().count("warm-up done") < 2:
                 assert time.monotonic() < deadline, server.output()
                 await asyncio.sleep(0.1)
-        # A new connection per request: each one wakes every worker, so both serve some.
+        # A new connection per request, so that both workers take some. Which worker
+        # accepts is the kernel's choice: rounds of 24 go on until both have served.
         limits = httpx.Limits(max_connections=4)
         headers = {"Connection": "close"}
+        sent = 0
         async with httpx.AsyncClient(
             base_url=server.url, timeout=60, limits=limits, headers=headers
         ) as client:
-            statuses = await asyncio.gather(*(post_cat(client) for _ in range(24)))
-            assert statuses == [200] * 24
+            while sent == 0 or len(serving_workers(server)) < workers:
+                assert sent < 240, f"one worker took all {sent} connections"
+                statuses = await asyncio.gather(*(post_cat(client) for _ in range(24)))
+                assert statuses == [200] * 24
+                sent += 24
             bad = await client.post("/cls", files={"file": ("x.txt", b"not an image")})
             assert bad.status_code == 415
             text = (await client.get("/metrics")).text
-        assert metric(text, "http_requests_total", route="/cls", status="200") == 24
+        assert metric(text, "http_requests_total", route="/cls", status="200") == sent
         assert metric(text, "http_requests_total", route="/cls", status="415") == 1
-        assert metric(text, "http_request_duration_seconds_count", route="/cls") == 25
-        assert metric(text, "batcher_batch_size_sum") == 24
-        assert metric(text, "batcher_queue_wait_seconds_count") == 24
-        assert metric(text, "batcher_inference_seconds_count") >= 6
+        assert metric(text, "http_request_duration_seconds_count", route="/cls") == sent + 1
+        assert metric(text, "batcher_batch_size_sum") == sent
+        assert metric(text, "batcher_queue_wait_seconds_count") == sent
+        assert metric(text, "batcher_inference_seconds_count") >= sent / 4
         assert "batcher_queue_depth" in text
         labels = 'task="cls",version="1"'
         for reason in ("expired", "cancelled"):
@@ -127,8 +137,6 @@ async def test_metrics_count_every_request_across_workers(tmp_path: Path, worker
         for reason in ("queue_full", "closed"):
             assert f'batcher_items_rejected_total{{reason="{reason}",{labels}}} 0.0' in text
         if workers == 2:
-            served_by = set(re.findall(r"INFO (\d+) access: POST /cls 200", server.output()))
-            assert len(served_by) == 2, "one worker served everything; the sum proves nothing"
             # Jobs in one worker's memory would answer 404 on the other: refused instead.
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
                 response = await client.post("/jobs", files=[("files", ("c.jpg", CAT))])
