@@ -67,11 +67,15 @@ def config_type_of(datatype: str, pb: Any) -> int:
 
 
 def resolve(
-    config: Any, signature: tuple[list[FileTensor], list[FileTensor]] | None, file: Path, pb: Any
+    config: Any,
+    signature: tuple[list[FileTensor], list[FileTensor]] | None,
+    file: Path,
+    where: str,
+    pb: Any,
 ) -> Resolved:
     """The effective configuration of the model in ``file``, from ``config`` (empty when
-    the model has no config.pbtxt). Raises ModelLoadError naming the file and field."""
-    where = file.parent.parent / "config.pbtxt"
+    the model has no config.pbtxt), which came from ``where`` (its config.pbtxt, or a
+    load request). Raises ModelLoadError naming where and the field."""
     config = _complete(config, signature, file, where, pb)
     inputs = tuple(_spec(t, "input", where, pb) for t in config.input)
     outputs = tuple(_spec(t, "output", where, pb) for t in config.output)
@@ -90,7 +94,7 @@ def resolve(
     for output in config.output:
         if output.label_filename:
             resolved.labels[output.name] = _labels(
-                where.parent / output.label_filename, output, where
+                file.parent.parent / output.label_filename, output, where
             )
     scores = parameters.get("scores", "softmax")
     if scores not in ("softmax", "none"):
@@ -107,7 +111,7 @@ def _complete(
     config: Any,
     signature: tuple[list[FileTensor], list[FileTensor]] | None,
     file: Path,
-    where: Path,
+    where: str,
     pb: Any,
 ) -> Any:
     """``config`` with the inputs, outputs and batching the file declares filled in, and
@@ -158,7 +162,7 @@ def _complete(
 
 
 def _check_against_file(
-    kind: str, declared: Any, found: FileTensor, where: Path, file: Path, pb: Any
+    kind: str, declared: Any, found: FileTensor, where: str, file: Path, pb: Any
 ) -> None:
     datatype = datatype_of(declared.data_type, pb)
     if datatype != found.datatype:
@@ -182,7 +186,7 @@ def _check_against_file(
         )
 
 
-def _spec(tensor: Any, kind: str, where: Path, pb: Any) -> TensorSpec:
+def _spec(tensor: Any, kind: str, where: str, pb: Any) -> TensorSpec:
     if not tensor.name:
         raise ModelLoadError(f"{where}: an {kind} has no 'name'")
     if tensor.data_type == pb.TYPE_INVALID:
@@ -192,7 +196,7 @@ def _spec(tensor: Any, kind: str, where: Path, pb: Any) -> TensorSpec:
     return TensorSpec(tensor.name, datatype_of(tensor.data_type, pb), (-1, *tensor.dims))
 
 
-def _numbers(parameters: dict[str, str], key: str, default: str, where: Path) -> tuple[float, ...]:
+def _numbers(parameters: dict[str, str], key: str, default: str, where: str) -> tuple[float, ...]:
     text = parameters.get(key, default)
     try:
         values = tuple(float(part) for part in text.split(","))
@@ -203,14 +207,14 @@ def _numbers(parameters: dict[str, str], key: str, default: str, where: Path) ->
     return values
 
 
-def _size(parameters: dict[str, str], key: str, default: int, where: Path) -> int:
+def _size(parameters: dict[str, str], key: str, default: int, where: str) -> int:
     text = parameters.get(key, str(default))
     if not text.isdigit() or int(text) < 1:
         raise ModelLoadError(f"{where}: parameter {key!r} is {text!r}; write a size in pixels")
     return int(text)
 
 
-def _image_input(config: Any, parameters: dict[str, str], where: Path, pb: Any) -> ImageInput:
+def _image_input(config: Any, parameters: dict[str, str], where: str, pb: Any) -> ImageInput:
     if len(config.input) != 1:
         raise ModelLoadError(f"{where}: an image model (image_resize) takes exactly one input")
     (tensor,) = config.input
@@ -249,7 +253,7 @@ def _image_input(config: Any, parameters: dict[str, str], where: Path, pb: Any) 
     return ImageInput(tensor.name, preprocess, layout, channels_order == "BGR", datatype)
 
 
-def _labels(path: Path, output: Any, where: Path) -> tuple[str, ...]:
+def _labels(path: Path, output: Any, where: str) -> tuple[str, ...]:
     try:
         labels = tuple(path.read_text(encoding="utf-8").splitlines())
     except (OSError, UnicodeDecodeError) as exc:

@@ -12,6 +12,7 @@ and the repository index; it is tried again when its files change.
 """
 
 import asyncio
+import hashlib
 import logging
 from pathlib import Path
 
@@ -30,7 +31,10 @@ def fingerprint(entry: ModelEntry, version: int) -> Fingerprint:
     modification time and size."""
     paths = [entry.versions[version], entry.config_path]
     paths += [entry.folder / o.label_filename for o in entry.config.output if o.label_filename]
-    stamps = []
+    stamps: list[tuple[str, int, int]] = []
+    if entry.config_text is not None:  # a load request's config: a change of it reloads
+        digest = hashlib.sha256(entry.config_text.encode()).digest()
+        stamps.append(("config", int.from_bytes(digest[:8], "big"), len(entry.config_text)))
     for path in paths:
         try:
             stat = path.stat()
@@ -84,15 +88,17 @@ class RepositoryControl:
             for name in {name for name, _ in self.loaded} - set(entries) - set(found.failed):
                 await self._unload(name)  # its folder is gone
 
-    async def load(self, name: str) -> None:
-        """Serves model ``name`` as its folder holds it now (explicit control). Raises
-        ModelNotFound if there is no such folder, ModelLoadError if it cannot be served."""
+    async def load(self, name: str, config_text: str | None = None) -> None:
+        """Serves model ``name`` as its folder holds it now (explicit control), with
+        ``config_text`` (JSON, Triton's load parameter ``config``) in place of its
+        config.pbtxt if given. Raises ModelNotFound if there is no such folder,
+        ModelLoadError if it cannot be served."""
         folder = self.root / name
         if name in self.reserved or not (folder.is_dir() and folder.parent == self.root):
             raise ModelNotFound(f"MODEL_REPOSITORY has no model {name!r}")
         async with self._lock:
             try:
-                entry = await asyncio.to_thread(read_entry, folder)
+                entry = await asyncio.to_thread(read_entry, folder, config_text)
             except ModelLoadError as exc:
                 self._set_aside(name, str(exc))
                 raise

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from v2.model_config import ModelConfigError, read_config
+from v2.model_config import ModelConfigError, parse_json_config, read_config
 from v2.stubs import messages
 
 CONFIG_FILE = "config.pbtxt"
@@ -48,10 +48,19 @@ class ModelEntry:
     config: Any
     platform: str
     versions: dict[int, Path] = field(default_factory=dict)
+    # The config a load request gave in place of config.pbtxt, as it sent it.
+    config_text: str | None = None
 
     @property
     def config_path(self) -> Path:
         return self.folder / CONFIG_FILE
+
+    @property
+    def config_where(self) -> str:
+        """Where the config came from, for messages: the file, or the load request."""
+        if self.config_text is not None:
+            return f"the load request's config of {self.name!r}"
+        return str(self.config_path)
 
 
 @dataclass
@@ -85,31 +94,41 @@ def scan(root: Path, reserved: frozenset[str] = frozenset()) -> Scan:
     return Scan(models, failed)
 
 
-def read_entry(folder: Path) -> ModelEntry:
-    """The model in ``folder``, with the versions its version policy serves."""
-    config_path = folder / CONFIG_FILE
+def read_entry(folder: Path, config_text: str | None = None) -> ModelEntry:
+    """The model in ``folder``, with the versions its version policy serves. With
+    ``config_text`` (a load request's JSON config), that config in place of its
+    config.pbtxt."""
+    entry = ModelEntry(folder.name, folder, None, "", config_text=config_text)
+    where = entry.config_where
     try:
-        config = read_config(config_path) if config_path.is_file() else messages().ModelConfig()
+        on_disk = (
+            read_config(entry.config_path)
+            if entry.config_path.is_file()
+            else messages().ModelConfig()
+        )
+        config = on_disk if config_text is None else parse_json_config(config_text, where)
     except ModelConfigError as exc:
         raise ModelLoadError(str(exc)) from None
+    if config_text is not None:
+        _same_files(config, on_disk, where)
     if config.name and config.name != folder.name:
         raise ModelLoadError(
-            f"{config_path}: field 'name' is {config.name!r} but the folder is {folder.name!r};"
+            f"{where}: field 'name' is {config.name!r} but the folder is {folder.name!r};"
             " they must agree"
         )
-    platform = _platform(config, config_path)
+    platform = _platform(config, where)
     available = _version_folders(folder)
     if not available:
         raise ModelLoadError(
             f"{folder}: no version folder; put the model file in {folder}/1/"
             f"{config.default_model_filename or DEFAULT_FILES.get(platform, 'model.onnx')}"
         )
-    entry = ModelEntry(folder.name, folder, config, platform)
-    for version in _chosen(config, available, config_path):
+    entry.config, entry.platform = config, platform
+    for version in _chosen(config, available, where):
         version_folder = folder / str(version)
         name = config.default_model_filename
         if not platform:
-            platform = _platform_of_files(version_folder, config_path)
+            platform = _platform_of_files(version_folder, where)
             entry.platform = platform
         name = name or DEFAULT_FILES[platform]
         path = version_folder / name
@@ -119,33 +138,51 @@ def read_entry(folder: Path) -> ModelEntry:
     return entry
 
 
-def _platform(config: Any, config_path: Path) -> str:
+def _same_files(config: Any, on_disk: Any, where: str) -> None:
+    """A load request's config may not choose files: the model file and the labels files
+    it names must be those that config.pbtxt names (nothing from a request becomes a
+    path)."""
+    if config.default_model_filename not in ("", on_disk.default_model_filename):
+        raise ModelLoadError(
+            f"{where}: field 'default_model_filename' differs from config.pbtxt's; a load"
+            " request cannot choose files: set it in config.pbtxt"
+        )
+    labels = {output.name: output.label_filename for output in on_disk.output}
+    for output in config.output:
+        if output.label_filename and output.label_filename != labels.get(output.name):
+            raise ModelLoadError(
+                f"{where}: output {output.name!r} field 'label_filename' differs from"
+                " config.pbtxt's; a load request cannot choose files: set it in config.pbtxt"
+            )
+
+
+def _platform(config: Any, where: str) -> str:
     """The platform the config names, or "" when it names none (the files decide)."""
     if config.platform and config.platform not in DEFAULT_FILES:
         raise ModelLoadError(
-            f"{config_path}: field 'platform' is {config.platform!r}; this server serves"
+            f"{where}: field 'platform' is {config.platform!r}; this server serves"
             f" {', '.join(map(repr, DEFAULT_FILES))}"
         )
     if config.backend and config.backend not in _BACKENDS:
         raise ModelLoadError(
-            f"{config_path}: field 'backend' is {config.backend!r}; this server serves"
+            f"{where}: field 'backend' is {config.backend!r}; this server serves"
             f" {', '.join(map(repr, _BACKENDS))}"
         )
     by_backend = _BACKENDS.get(config.backend, "")
     if config.platform and by_backend and by_backend != config.platform:
         raise ModelLoadError(
-            f"{config_path}: 'platform' {config.platform!r} and 'backend' {config.backend!r}"
+            f"{where}: 'platform' {config.platform!r} and 'backend' {config.backend!r}"
             " disagree; set one"
         )
     return str(config.platform or by_backend)
 
 
-def _platform_of_files(version_folder: Path, config_path: Path) -> str:
+def _platform_of_files(version_folder: Path, where: str) -> str:
     found = [p for p, name in DEFAULT_FILES.items() if (version_folder / name).is_file()]
     if len(found) != 1:
         raise ModelLoadError(
             f"{version_folder}: expected model.onnx or model.pt"
-            + (", not both: set 'platform' in " + str(config_path) if found else "")
+            + (", not both: set 'platform' in " + where if found else "")
         )
     return found[0]
 
@@ -154,7 +191,7 @@ def _version_folders(folder: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def _chosen(config: Any, available: list[int], config_path: Path) -> list[int]:
+def _chosen(config: Any, available: list[int], where: str) -> list[int]:
     """The versions ``version_policy`` serves (Triton's default: the newest one)."""
     policy = config.version_policy
     choice = policy.WhichOneof("policy_choice")
@@ -165,11 +202,11 @@ def _chosen(config: Any, available: list[int], config_path: Path) -> list[int]:
         missing = [v for v in wanted if v not in available]
         if missing or not wanted:
             raise ModelLoadError(
-                f"{config_path}: version_policy.specific names version(s)"
+                f"{where}: version_policy.specific names version(s)"
                 f" {missing or wanted} that have no folder; it has {available}"
             )
         return sorted(wanted)
     count = policy.latest.num_versions if choice == "latest" else 1
     if count < 1:
-        raise ModelLoadError(f"{config_path}: version_policy.latest.num_versions must be >= 1")
+        raise ModelLoadError(f"{where}: version_policy.latest.num_versions must be >= 1")
     return available[-count:]

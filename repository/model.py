@@ -85,7 +85,9 @@ class RepositoryModel(Task[Item, Result]):
                 [t.name for t in config.output],
             )
         try:
-            self.resolved = resolve(config, self.runner.signature(), self.file, pb)
+            self.resolved = resolve(
+                config, self.runner.signature(), self.file, self.entry.config_where, pb
+            )
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
         completed = self.resolved.config
@@ -108,7 +110,7 @@ class RepositoryModel(Task[Item, Result]):
         groups = self.entry.config.instance_group
         if not groups:
             return device, None
-        where = f"{self.entry.config_path}: instance_group"
+        where = f"{self.entry.config_where}: instance_group"
         kinds = {group.kind for group in groups}
         gpus = sorted({gpu for group in groups for gpu in group.gpus})
         if len(kinds) > 1:
@@ -135,7 +137,7 @@ class RepositoryModel(Task[Item, Result]):
         policy = batching.default_queue_policy
         if policy.timeout_action != policy.REJECT:
             raise ModelLoadError(
-                f"{self.entry.config_path}: default_queue_policy.timeout_action DELAY is not"
+                f"{self.entry.config_where}: default_queue_policy.timeout_action DELAY is not"
                 " supported; a request that waits too long is answered 504 (REJECT)"
             )
         return ServingOverrides(

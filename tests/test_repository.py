@@ -2,13 +2,15 @@
 version policies, configs checked against the files or derived from them, and each model
 computing what the module computes directly."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from google.protobuf import json_format
 
 from repository import RepositoryModel, repository_models
-from repository.layout import ModelLoadError, scan
+from repository.layout import ModelLoadError, read_entry, scan
 from serving.task import InputError, LoadContext
 from tests.repository_models import (
     TWO_BY_TWO_CONFIG,
@@ -18,6 +20,7 @@ from tests.repository_models import (
     onnx_model,
     torchscript_model,
 )
+from v2.model_config import parse_config
 
 
 def loaded(root: Path, name: str, version: int | None = None, threads: int = 1) -> RepositoryModel:
@@ -267,3 +270,23 @@ def test_instance_groups_choose_the_device_and_the_batches_at_once(tmp_path: Pat
         f"{config}: instance_group asks for KIND_GPU but this server computes on cpu"
         in load_error(tmp_path, "m")
     )
+
+
+def test_a_load_requests_config_replaces_the_file_but_cannot_choose_files(
+    tmp_path: Path,
+) -> None:
+    folder = image_model(tmp_path, Path(".model-cache"))
+    on_disk = parse_config((folder / "config.pbtxt").read_text())
+    given = json_format.MessageToDict(on_disk, preserving_proto_field_name=True)
+    given["max_batch_size"] = 4
+    entry = read_entry(folder, json.dumps(given))
+    assert entry.config.max_batch_size == 4
+    assert entry.config_where == f"the load request's config of {folder.name!r}"
+    # The labels named in config.pbtxt are read; a request naming another file is refused.
+    given["output"][0]["label_filename"] = "../../../etc/passwd"
+    with pytest.raises(ModelLoadError, match=r"'label_filename' differs from config\.pbtxt's"):
+        read_entry(folder, json.dumps(given))
+    with pytest.raises(ModelLoadError, match="'default_model_filename' differs"):
+        read_entry(folder, json.dumps({"default_model_filename": "/etc/hostname"}))
+    with pytest.raises(ModelLoadError, match=r"the load request's config .* did you mean"):
+        read_entry(folder, '{"max_batch_sise": 4}')

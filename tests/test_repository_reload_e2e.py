@@ -2,6 +2,7 @@
 and while one is swapped for another on request (explicit). Every request is answered
 200 by one version or the other, with that version's numbers; none fails."""
 
+import json
 import os
 import threading
 import time
@@ -191,6 +192,24 @@ def test_an_explicit_load_swaps_versions_under_load_and_unload_drains(tmp_path: 
         over_grpc.load_model("twobytwo")
         assert over_grpc.is_model_ready("twobytwo")
         over_grpc.close()
+        # A load may give a config in place of config.pbtxt, as tritonclient's config=.
+        effective = client.get_model_config("twobytwo")
+        assert effective["version_policy"] == {"specific": {"versions": [2]}}
+        effective["version_policy"] = {"specific": {"versions": [1]}}
+        client.load_model("twobytwo", config=json.dumps(effective))
+        assert served_versions(server) == ["1"]
+        assert client.get_model_config("twobytwo")["version_policy"]["specific"]["versions"] == [1]
+        with pytest.raises(InferenceServerException, match="did you mean 'max_batch_size'"):
+            client.load_model("twobytwo", config='{"max_batch_sze": 4}')
+        with pytest.raises(InferenceServerException, match="cannot choose files"):
+            client.load_model("twobytwo", config='{"default_model_filename": "../x.onnx"}')
+        with pytest.raises(
+            InferenceServerException, match=r"'file:1/model\.onnx' is not supported"
+        ):
+            client.load_model("twobytwo", files={"file:1/model.onnx": b"not a model"})
+        assert served_versions(server) == ["1"]
+        client.load_model("twobytwo")  # config.pbtxt again
+        assert served_versions(server) == ["2"]
         # A load that cannot be served says why, and what was served goes on.
         (root / "twobytwo" / "2" / "model.onnx").write_bytes(b"broken")
         with pytest.raises(InferenceServerException, match="ONNX Runtime cannot load"):

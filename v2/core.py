@@ -141,12 +141,26 @@ def control(engine: Engine, parameters: Any) -> Any:
             f" (this server runs MODEL_CONTROL={engine.settings.model_control})"
         )
     # unload_dependents concerns ensembles, which this server has none of.
-    if set(parameters) - {"unload_dependents"}:
+    if refused := sorted(set(parameters) - {"unload_dependents", "config"}):
         raise ControlRefused(
-            "load parameters (a config or files in the request) are not supported: change"
-            " the files in MODEL_REPOSITORY, then load"
+            f"load parameter {refused[0]!r} is not supported: files in a request are never"
+            " written to MODEL_REPOSITORY; put them there, then load (a 'config' parameter"
+            " may replace config.pbtxt for one load)"
         )
     return control
+
+
+def load_config(parameters: Any) -> str | None:
+    """The JSON model configuration a load request gives as its ``config`` parameter, in
+    place of config.pbtxt: a string over HTTP, a ModelRepositoryParameter over gRPC."""
+    value = parameters.get("config")
+    if value is None:
+        return None
+    if not isinstance(value, str) and value.WhichOneof("parameter_choice") == "string_param":
+        value = value.string_param
+    if not isinstance(value, str) or not value.strip():
+        raise ControlRefused("load parameter 'config' must be a model configuration as JSON")
+    return value
 
 
 def _form(service: TaskService) -> Any:

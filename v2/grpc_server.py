@@ -178,7 +178,9 @@ class InferenceService:
         return json_format.ParseDict({"models": index}, pb.RepositoryIndexResponse())
 
     async def repository_model_load(self, request: Any, context: Any) -> Any:
-        await core.control(self.engine, dict(request.parameters)).load(request.model_name)
+        parameters = dict(request.parameters)
+        config = core.load_config(parameters)
+        await core.control(self.engine, parameters).load(request.model_name, config)
         return pb.RepositoryModelLoadResponse()
 
     async def repository_model_unload(self, request: Any, context: Any) -> Any:

@@ -91,8 +91,8 @@ async def _control_parameters(request: Request) -> dict[str, Any]:
 @router.post("/repository/models/{name}/load")
 async def load_model(request: Request, engine: EngineDep, name: str) -> Response:
     try:
-        control = core.control(engine, await _control_parameters(request))
-        await control.load(name)
+        parameters = await _control_parameters(request)
+        await core.control(engine, parameters).load(name, core.load_config(parameters))
     except Exception as exc:
         return _error(exc)
     return Response(status_code=200)

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 
 from v2.stubs import messages
 
@@ -66,6 +66,18 @@ def parse_config(text: str, path: Path | str = "config.pbtxt") -> Any:
     return config
 
 
+def parse_json_config(text: str, where: str) -> Any:
+    """The ModelConfig that ``text`` sets as JSON (Triton's load request parameter
+    ``config``), with the same checks as a config.pbtxt; ``where`` names it in errors."""
+    pb = messages()
+    config = pb.ModelConfig()
+    try:
+        json_format.Parse(text, config)
+    except json_format.ParseError as exc:
+        raise ModelConfigError(_explain(exc, where, pb)) from None
+    return config
+
+
 def read_config(path: Path) -> Any:
     """The ModelConfig in the file at ``path``."""
     try:
@@ -75,8 +87,9 @@ def read_config(path: Path) -> Any:
     return parse_config(text, path)
 
 
-def _explain(error: text_format.ParseError, path: Path | str, pb: Any) -> str:
-    where = f"{path}:{error.GetLine()}" if error.GetLine() else str(path)
+def _explain(error: Exception, path: Path | str, pb: Any) -> str:
+    line = error.GetLine() if isinstance(error, text_format.ParseError) else None
+    where = f"{path}:{line}" if line else str(path)
     found = _NO_FIELD.search(str(error))
     if found is None:
         detail = str(error).split(" : ", 1)[-1]
