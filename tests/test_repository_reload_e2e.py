@@ -208,8 +208,16 @@ def test_an_explicit_load_swaps_versions_under_load_and_unload_drains(tmp_path: 
         ):
             client.load_model("twobytwo", files={"file:1/model.onnx": b"not a model"})
         assert served_versions(server) == ["1"]
+        over_grpc = grpcclient.InferenceServerClient(server.grpc_target)
+        with pytest.raises(InferenceServerException, match="did you mean 'max_batch_size'"):
+            over_grpc.load_model("twobytwo", config='{"max_batch_sze": 4}')
+        effective["max_batch_size"] = 8
+        over_grpc.load_model("twobytwo", config=json.dumps(effective))
+        assert over_grpc.get_model_config("twobytwo").config.max_batch_size == 8
+        over_grpc.close()
         client.load_model("twobytwo")  # config.pbtxt again
         assert served_versions(server) == ["2"]
+        assert client.get_model_config("twobytwo")["max_batch_size"] == 16
         # A load that cannot be served says why, and what was served goes on.
         (root / "twobytwo" / "2" / "model.onnx").write_bytes(b"broken")
         with pytest.raises(InferenceServerException, match="ONNX Runtime cannot load"):
