@@ -106,9 +106,14 @@ async def test_a_client_that_leaves_mid_upload_is_no_server_error(
 async def test_a_large_json_job_does_not_stall_the_event_loop(app: FastAPI) -> None:
     # 240 inputs of 270 KB each, about 65 MB: the shape of a job of base64 images.
     body = json.dumps({"inputs": ["QUJD" * 67_500] * 240}).encode()
-    started = time.perf_counter()
-    json.loads(body)
-    whole_document = time.perf_counter() - started
+    # What json.loads on the loop would stall it for: the median of three, as one
+    # measurement on a busy machine can come out at half the others.
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        json.loads(body)
+        timings.append(time.perf_counter() - started)
+    whole_document = sorted(timings)[1]
 
     lags: list[float] = []
     posted = asyncio.Event()
