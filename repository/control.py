@@ -16,7 +16,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from repository.layout import ModelEntry, ModelLoadError, read_entry, scan
+from repository.layout import ModelEntry, ModelLoadError, model_folders, read_entry, scan
 from repository.model import RepositoryModel
 from serving import Engine
 from serving.errors import ModelNotFound
@@ -117,11 +117,7 @@ class RepositoryControl:
         """The model folders of the repository that serve nothing and were not set aside
         (new since startup or the last poll, or unloaded), each with what loads it."""
         try:
-            names = sorted(
-                p.name
-                for p in self.root.iterdir()
-                if p.is_dir() and not p.name.startswith(".") and p.name not in self.reserved
-            )
+            names = [p.name for p in model_folders(self.root) if p.name not in self.reserved]
         except OSError:  # the folder is gone or unreadable: the next poll says so
             return {}
         how = {

@@ -78,7 +78,7 @@ def scan(root: Path, reserved: frozenset[str] = frozenset()) -> Scan:
     if not root.is_dir():
         raise ModelLoadError(f"MODEL_REPOSITORY={root} is not a folder: point it at one")
     models, failed = [], {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for folder in model_folders(root):
         try:
             if not _NAME.match(folder.name):
                 raise ModelLoadError(
@@ -92,6 +92,12 @@ def scan(root: Path, reserved: frozenset[str] = frozenset()) -> Scan:
         except ModelLoadError as exc:
             failed[folder.name] = str(exc)
     return Scan(models, failed)
+
+
+def model_folders(root: Path) -> list[Path]:
+    """The folders of the repository at ``root`` that hold a model each (hidden ones are
+    not models), by name."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def read_entry(folder: Path, config_text: str | None = None) -> ModelEntry:

@@ -179,8 +179,8 @@ class InferenceService:
 
     async def repository_model_load(self, request: Any, context: Any) -> Any:
         parameters = dict(request.parameters)
-        config = core.load_config(parameters)
-        await core.control(self.engine, parameters).load(request.model_name, config)
+        control = core.control(self.engine, parameters)
+        await control.load(request.model_name, core.load_config(parameters))
         return pb.RepositoryModelLoadResponse()
 
     async def repository_model_unload(self, request: Any, context: Any) -> Any:

@@ -7,6 +7,7 @@ server does not serve as such.
 
 import difflib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,23 +58,23 @@ class ModelConfigError(ValueError):
 
 def parse_config(text: str, path: Path | str = "config.pbtxt") -> Any:
     """The ModelConfig that ``text`` (the content of ``path``) sets."""
-    pb = messages()
-    config = pb.ModelConfig()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as exc:
-        raise ModelConfigError(_explain(exc, path, pb)) from None
-    return config
+    return _parsed(text_format.Parse, text_format.ParseError, text, path)
 
 
 def parse_json_config(text: str, where: str) -> Any:
     """The ModelConfig that ``text`` sets as JSON (Triton's load request parameter
     ``config``), with the same checks as a config.pbtxt; ``where`` names it in errors."""
+    return _parsed(json_format.Parse, json_format.ParseError, text, where)
+
+
+def _parsed(
+    parse: Callable[[str, Any], Any], error: type[Exception], text: str, where: Path | str
+) -> Any:
     pb = messages()
     config = pb.ModelConfig()
     try:
-        json_format.Parse(text, config)
-    except json_format.ParseError as exc:
+        parse(text, config)
+    except error as exc:
         raise ModelConfigError(_explain(exc, where, pb)) from None
     return config
 
